@@ -1,0 +1,192 @@
+"""Ember's public Python API: `ember.load(...)` returns a Model.
+
+    m = ember.load("smollm2")                    # a catalogue/store name or a .gguf path
+    m.tokenize("Hello"); m.detokenize([...]); m.logits(ids); m.logits(ids, all_positions=True)
+    m.generate("Once upon a time", max_tokens=32, temperature=0)        -> Completion
+    for chunk in m.chat([{"role": "user", "content": "Hi"}], stream=True): print(chunk.text, end="")
+
+Everything here is a thin edge: text and messages become token ids once, the generator works on ids, and
+ids become text once through the streaming detokenizer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ember.engine.generator import Completion, GenerationOptions, Generator, TokenStream
+from ember.engine.sampler import SamplingParams
+from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidParameterError, ModelNotFoundError
+from ember.gguf import open_gguf
+from ember.model.config import config_from_metadata
+from ember.model.loader import load_transformer
+from ember.runtime import default_threads
+from ember.tokenizer import Tokenizer
+from ember.tokenizer.chat_template import ChatTemplate, select_template
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_CTX = 4096  # as Ollama: a modest default; the file's training context may be far larger
+_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
+
+
+def _resolve(model: str | os.PathLike) -> tuple[Path, str]:
+    p = Path(model)
+    if p.suffix == ".gguf" or os.sep in str(model) or p.exists():
+        if not p.is_file():
+            raise ModelNotFoundError(f"model file {str(model)!r} not found")
+        return p, p.stem
+    from ember.store import resolve_model
+
+    resolved = resolve_model(str(model))
+    return Path(resolved.path), resolved.name
+
+
+class Model:
+    def __init__(self, path: Path, name: str, n_ctx: int | None = None, threads: int | None = None):
+        t0 = time.perf_counter()
+        torch.set_num_threads(threads or default_threads())
+        self.path = path
+        self.name = name
+        self.file = open_gguf(path)
+        # Architecture first: an unsupported model should be named as such, not fail in its tokenizer.
+        config = config_from_metadata(self.file.metadata)
+        self.tokenizer = Tokenizer.from_metadata(self.file.metadata)
+        if self.tokenizer.vocab_size != config.n_vocab:
+            raise GGUFError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model expects {config.n_vocab}"
+            )
+        train_ctx = self.file.metadata.get(f"{self.file.architecture}.context_length", DEFAULT_CTX)
+        self.n_ctx = int(n_ctx or min(DEFAULT_CTX, int(train_ctx)))
+        if self.n_ctx < 8:
+            raise InvalidParameterError(f"context length {self.n_ctx} is too small")
+        self.model = load_transformer(self.file, self.n_ctx, config)
+        self.config = self.model.config
+        self.template: ChatTemplate = select_template(self.file.metadata, self.file.architecture)
+        self.generator = Generator(self.model, self.tokenizer, self.n_ctx)
+        self.load_seconds = time.perf_counter() - t0
+
+    # -- description ------------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    def info(self) -> dict[str, Any]:
+        md = self.file.metadata
+        n_params = sum(t.n_elements for t in self.file.tensors.values())
+        types: dict[str, int] = {}
+        for t in self.file.tensors.values():
+            types[t.type_name] = types.get(t.type_name, 0) + t.n_elements
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "parameters": n_params,
+            "context_length": int(md.get(f"{self.architecture}.context_length", 0)),
+            "n_ctx": self.n_ctx,
+            "embedding_length": self.config.n_embd,
+            "quantization": _file_type_name(md.get("general.file_type"), types),
+            "file_size": self.file.file_size,
+            "vocab_size": self.tokenizer.vocab_size,
+            "chat_template": self.template.source,
+        }
+
+    # -- tokens -----------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    def logits(self, ids: Sequence[int], all_positions: bool = False) -> np.ndarray:
+        """Logits after `ids` from an empty context: [vocab] for the last position, or [len(ids), vocab]."""
+        ids = [int(i) for i in ids]
+        self.generator.check_ids(ids)
+        cache = self.model.new_cache(len(ids))
+        outs = []
+        for start in range(0, len(ids), 512):
+            chunk = ids[start : start + 512]
+            last = start + len(chunk) == len(ids)
+            out = self.model.forward(
+                torch.tensor(chunk), torch.arange(start, start + len(chunk)), cache, all_logits=all_positions
+            )
+            if all_positions or last:
+                outs.append(out)
+        result = torch.cat(outs).numpy()
+        return result if all_positions else result[-1]
+
+    # -- generation -------------------------------------------------------------------------------------
+    def _options(self, kwargs: Mapping[str, Any]) -> GenerationOptions:
+        kwargs = dict(kwargs)
+        max_tokens = kwargs.pop("max_tokens", None)
+        stop = kwargs.pop("stop", None) or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        unknown = set(kwargs) - _SAMPLING_FIELDS
+        if unknown:
+            raise InvalidParameterError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return GenerationOptions(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingParams(**kwargs))
+
+    def generate(
+        self, prompt: str | Sequence[int], stream: bool = False, **options: Any
+    ) -> Completion | TokenStream:
+        """Continue a prompt (text, tokenized with special tokens added, or token ids) without a template."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        return self._generate(ids, stream, options)
+
+    def chat(self, messages: list[Mapping[str, Any]], stream: bool = False, **options: Any) -> Completion | TokenStream:
+        """Answer a conversation formatted by the model's chat template."""
+        tools = options.pop("tools", None)
+        text = self.template.render(list(messages), add_generation_prompt=True, tools=tools)
+        return self._generate(self.prompt_ids(text), stream, options)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Tokenize a templated prompt: special-token text is parsed, and BOS is not doubled when the template
+        already starts with it."""
+        bos = self.tokenizer.bos_id
+        if bos is not None and self.tokenizer.add_bos:
+            bos_text = self.tokenizer.token_text(bos)
+            if bos_text and text.startswith(bos_text):
+                text = text[len(bos_text) :]
+        return self.tokenizer.encode(text, add_special=True, parse_special=True)
+
+    def _generate(self, ids: list[int], stream: bool, options: Mapping[str, Any]) -> Completion | TokenStream:
+        opts = self._options(options)
+        tokens = self.generator.stream(ids, opts)
+        if stream:
+            return tokens
+        for _ in tokens:
+            pass
+        assert tokens.result is not None
+        tokens.result.stats.load_seconds = self.load_seconds
+        return tokens.result
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, architecture={self.architecture!r}, n_ctx={self.n_ctx})"
+
+
+_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+               17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # llama.cpp's llama_ftype numbering
+
+
+def _file_type_name(file_type: Any, types: dict[str, int]) -> str:
+    if isinstance(file_type, int) and file_type in _FILE_TYPES:
+        return _FILE_TYPES[file_type]
+    return max(types, key=types.get) if types else "unknown"
+
+
+def load(model: str | os.PathLike = DEFAULT_MODEL, *, n_ctx: int | None = None, threads: int | None = None) -> Model:
+    """Load a model by catalogue/store name or GGUF path. Raises EmberError subclasses on bad input."""
+    path, name = _resolve(model)
+    return Model(path, name, n_ctx=n_ctx, threads=threads)
+
+
+__all__ = ["load", "Model", "Completion", "TokenStream", "EmberError", "ContextOverflowError"]

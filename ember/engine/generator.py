@@ -1,0 +1,186 @@
+"""Single-sequence generation: prefill, then sample and decode one token at a time, streaming text.
+
+This is the path the CLI and Python API use for one conversation. It keeps the KV cache between calls and
+reuses the longest common token prefix, so a chat's next turn only computes the new tokens.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ember.engine.sampler import Sampler, SamplingParams
+from ember.engine.stop import StopMatcher
+from ember.errors import ContextOverflowError, InvalidParameterError
+from ember.model.kv_cache import KVCache
+from ember.model.transformer import Transformer
+from ember.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # tokens per prefill forward pass: bounds the attention mask and activations
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int | None = None  # None: until an end-of-generation token or the context is full
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise InvalidParameterError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidParameterError("stop strings must be non-empty strings")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous call
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    load_seconds: float = 0.0
+
+    @property
+    def prompt_rate(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generate_rate(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    ids: list[int]
+    finish_reason: str  # "stop" (end-of-generation token or stop string) | "length"
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str  # may be "" while a multi-byte character or a possible stop string is pending
+    token: int
+
+
+class TokenStream:
+    """Iterator of Chunks; after exhaustion `.result` holds the Completion. `close()` stops generation."""
+
+    def __init__(self, chunks: Iterator[Chunk]):
+        self._chunks = chunks
+        self.result: Completion | None = None
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+
+
+class Generator:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, n_ctx: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.cache: KVCache = model.new_cache(n_ctx)
+        self.cached_ids: list[int] = []  # tokens whose KV is in self.cache, in order
+        self.lock = threading.Lock()  # one sequence at a time uses this cache
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        n_vocab = self.model.config.n_vocab
+        if not ids:
+            raise InvalidParameterError("the prompt is empty")
+        for t in ids:
+            if not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise InvalidParameterError(f"token id {t!r} is outside the vocabulary (0..{n_vocab - 1})")
+        if len(ids) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt of {len(ids)} tokens does not fit the context window of {self.n_ctx} tokens"
+            )
+
+    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Compute KV for ids (reusing the cached prefix); return last-position logits and tokens reused."""
+        reuse = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(ids) - 1)  # the last prompt token must run to produce logits
+        has_ring = any(k.shape[1] < self.n_ctx for k in self.cache.k)
+        if reuse < len(self.cached_ids) and has_ring:
+            reuse = 0  # ring-buffer layers have overwritten positions a rollback would need
+        self.cache.reset(reuse)
+        self.cached_ids = list(ids[:reuse])
+        logits = None
+        for start in range(reuse, len(ids), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            logits = self._forward(chunk, start)
+        return logits, reuse
+
+    def _forward(self, chunk: list[int], start: int, all_logits: bool = False) -> torch.Tensor:
+        tokens = torch.tensor(chunk, dtype=torch.long)
+        positions = torch.arange(start, start + len(chunk))
+        # cached_ids is updated before the pass: if it raises, reset() on the next call trims back.
+        out = self.model.forward(tokens, positions, self.cache, all_logits)
+        self.cached_ids.extend(chunk)
+        return out
+
+    def stream(self, ids: list[int], options: GenerationOptions) -> TokenStream:
+        self.check_ids(ids)
+        stream = TokenStream(iter(()))
+        stream._chunks = self._run(ids, options, stream)
+        return stream
+
+    def _run(self, ids: list[int], options: GenerationOptions, stream: TokenStream) -> Iterator[Chunk]:
+        with self.lock:
+            stats = Stats(prompt_tokens=len(ids))
+            sampler = Sampler(options.sampling, self.model.config.n_vocab)
+            decoder = self.tokenizer.stream_decoder()
+            stops = StopMatcher(options.stop)
+            eog = self.tokenizer.eog_ids
+            history = list(ids)
+            out_ids: list[int] = []
+            text_parts: list[str] = []
+            finish = "length"
+            limit = options.max_tokens if options.max_tokens is not None else self.n_ctx
+
+            t0 = time.perf_counter()
+            logits, stats.cached_tokens = self._prefill(ids)
+            t1 = time.perf_counter()
+            stats.prompt_seconds = t1 - t0
+            try:
+                while len(out_ids) < limit:
+                    token = sampler.sample(logits[-1], history)
+                    if token in eog:
+                        finish = "stop"
+                        break
+                    out_ids.append(token)
+                    history.append(token)
+                    emitted, hit = stops.push(decoder.push(token))
+                    if emitted:
+                        text_parts.append(emitted)
+                    yield Chunk(emitted, token)
+                    if hit:
+                        finish = "stop"
+                        break
+                    if len(history) >= self.n_ctx or len(out_ids) >= limit:
+                        break  # context full or budget spent: no need to compute another step
+                    logits = self._forward([token], len(history) - 1)
+                if not stops.hit:
+                    tail, _ = stops.push(decoder.flush())
+                    tail += stops.flush()
+                    if tail:
+                        text_parts.append(tail)
+                        yield Chunk(tail, -1)
+            finally:
+                stats.generated_tokens = len(out_ids)
+                stats.generate_seconds = time.perf_counter() - t1
+                stream.result = Completion("".join(text_parts), out_ids, finish, stats)

@@ -1,0 +1,109 @@
+"""Building blocks shared by every architecture: norms, rotary embeddings, attention and feed-forward.
+
+Shapes: a forward pass works on one flat run of T tokens; hidden states are float32 [T, n_embd], attention
+heads [T, heads, head_dim]. Weights are Linear objects from ember.kernels.linear (quantized or dense).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ember.kernels.linear import Linear
+from ember.model.config import RopeConfig
+from ember.model.kv_cache import KVCache
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight = weight.float()
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Rope:
+    """Rotary embedding with precomputed cos/sin tables for positions [0, n_ctx)."""
+
+    def __init__(self, cfg: RopeConfig, n_ctx: int, freq_factors: torch.Tensor | None = None):
+        self.dim = cfg.dim
+        self.style = cfg.style
+        inv_freq = cfg.base ** (-torch.arange(0, cfg.dim, 2, dtype=torch.float64) / cfg.dim)
+        if freq_factors is not None:  # llama 3.1-style long-context factors (tensor rope_freqs.weight)
+            inv_freq = inv_freq / freq_factors.double()
+        pos = torch.arange(n_ctx, dtype=torch.float64) / cfg.scale
+        angles = pos[:, None] * inv_freq[None, :]
+        self.cos = angles.cos().float()  # [n_ctx, dim/2]
+        self.sin = angles.sin().float()
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, H, head_dim] float32 -> rotated copy."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.style == "norm":  # adjacent pairs
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        else:  # neox: first half pairs with second half
+            half = self.dim // 2
+            a, b = rot[..., :half], rot[..., half:]
+            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class Attention:
+    def __init__(
+        self,
+        layer: int,
+        wq: Linear,
+        wk: Linear,
+        wv: Linear,
+        wo: Linear,
+        n_head: int,
+        n_head_kv: int,
+        head_dim: int,
+        value_dim: int,
+        rope: Rope,
+        scale: float,
+        window: int = 0,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ):
+        self.layer = layer
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.n_head, self.n_head_kv = n_head, n_head_kv
+        self.head_dim, self.value_dim = head_dim, value_dim
+        self.rope = rope
+        self.scale = scale
+        self.window = window
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.wq(x).view(t, self.n_head, self.head_dim)
+        k = self.wk(x).view(t, self.n_head_kv, self.head_dim)
+        v = self.wv(x).view(t, self.n_head_kv, self.value_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        q = self.rope(q, positions)
+        k = self.rope(k, positions)
+        out = cache.attend(self.layer, q, k, v, positions, self.scale, self.window)
+        return self.wo(out.reshape(t, self.n_head * self.value_dim))
+
+
+class FeedForward:
+    """Gated feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear, activation: str):
+        self.gate, self.up, self.down = gate, up, down
+        if activation == "silu":
+            self.act = F.silu
+        elif activation == "gelu_tanh":
+            self.act = lambda h: F.gelu(h, approximate="tanh")
+        else:
+            raise ValueError(f"unknown activation {activation}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))

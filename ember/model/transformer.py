@@ -1,0 +1,58 @@
+"""The decoder-only transformer that every architecture file assembles.
+
+An architecture file (llama.py, gemma3.py) builds the blocks from GGUF tensors; this module owns the pass
+over them: embed, run blocks, final norm, project the needed positions to logits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from ember.kernels.embedding import Embedding
+from ember.kernels.linear import Linear
+from ember.model.config import ModelConfig
+from ember.model.kv_cache import KVCache
+from ember.model.layers import RMSNorm
+
+
+class Block(Protocol):
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+
+
+class Transformer:
+    def __init__(
+        self,
+        config: ModelConfig,
+        embedding: Embedding,
+        blocks: list[Block],
+        norm: RMSNorm,
+        output: Linear,
+    ):
+        self.config = config
+        self.embedding = embedding
+        self.blocks = blocks
+        self.norm = norm
+        self.output = output
+
+    def new_cache(self, n_ctx: int, dtype: torch.dtype = torch.float16) -> KVCache:
+        c = self.config
+        windows = [c.sliding_window if c.is_swa(i) else 0 for i in range(c.n_layer)]
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, n_ctx, windows, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False
+    ) -> torch.Tensor:
+        """tokens/positions [T] -> float32 logits [T, vocab] if all_logits else [1, vocab] (last position)."""
+        x = self.embedding(tokens)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        for block in self.blocks:
+            x = block(x, positions, cache)
+        if not all_logits:
+            x = x[-1:]  # only the last position feeds sampling: skip the vocab projection of the rest
+        return self.output(self.norm(x))
+
+
+ArchBuilder = Callable[..., Transformer]
