@@ -26,7 +26,12 @@ def reference_model_path(name: str) -> Path:
     except ImportError:
         ensure_model = None
     if ensure_model is not None:
-        return Path(ensure_model(name))
+        from ember.errors import EmberError
+
+        try:
+            return Path(ensure_model(name))  # fetched into EMBER_HOME once, then reused
+        except EmberError as e:  # e.g. offline on a fresh clone: skip the model tests, don't error them
+            pytest.skip(f"reference model {name} not available: {e}")
     path = _DEV_MODELS[name]
     if not path.exists():
         pytest.skip(f"reference model {name} not available")
