@@ -25,6 +25,7 @@ from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
 from ember.model.loader import load_transformer
 from ember.runtime import default_threads
+from ember.store import ResolvedModel
 from ember.tokenizer import Tokenizer
 from ember.tokenizer.chat_template import ChatTemplate, select_template
 
@@ -33,24 +34,29 @@ DEFAULT_CTX = 4096  # as Ollama: a modest default; the file's training context m
 _SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
-def _resolve(model: str | os.PathLike) -> tuple[Path, str]:
-    p = Path(model)
-    if p.suffix == ".gguf" or os.sep in str(model) or p.exists():
-        if not p.is_file():
-            raise ModelNotFoundError(f"model file {str(model)!r} not found")
-        return p, p.stem
+def _resolve(model: str | os.PathLike) -> "ResolvedModel":
     from ember.store import resolve_model
 
-    resolved = resolve_model(str(model))
-    return Path(resolved.path), resolved.name
+    return resolve_model(model if isinstance(model, Path) else str(model))
 
 
 class Model:
-    def __init__(self, path: Path, name: str, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        defaults: Mapping[str, Any] | None = None,
+    ):
         t0 = time.perf_counter()
         torch.set_num_threads(threads or default_threads())
         self.path = path
         self.name = name
+        self.system = system  # default system prompt (from a Modelfile/manifest), used when a chat has none
+        self.defaults = dict(defaults or {})  # default options (manifest params), overridden per call
         self.file = open_gguf(path)
         # Architecture first: an unsupported model should be named as such, not fail in its tokenizer.
         config = config_from_metadata(self.file.metadata)
@@ -66,6 +72,8 @@ class Model:
         self.model = load_transformer(self.file, self.n_ctx, config)
         self.config = self.model.config
         self.template: ChatTemplate = select_template(self.file.metadata, self.file.architecture)
+        if template:
+            self.template = ChatTemplate(template, self.template.bos_token, self.template.eos_token)
         self.generator = Generator(self.model, self.tokenizer, self.n_ctx)
         self.load_seconds = time.perf_counter() - t0
 
@@ -121,7 +129,7 @@ class Model:
 
     # -- generation -------------------------------------------------------------------------------------
     def _options(self, kwargs: Mapping[str, Any]) -> GenerationOptions:
-        kwargs = dict(kwargs)
+        kwargs = {**self.defaults, **kwargs}
         max_tokens = kwargs.pop("max_tokens", None)
         stop = kwargs.pop("stop", None) or ()
         if isinstance(stop, str):
@@ -141,7 +149,10 @@ class Model:
     def chat(self, messages: list[Mapping[str, Any]], stream: bool = False, **options: Any) -> Completion | TokenStream:
         """Answer a conversation formatted by the model's chat template."""
         tools = options.pop("tools", None)
-        text = self.template.render(list(messages), add_generation_prompt=True, tools=tools)
+        messages = list(messages)
+        if self.system and not any(m.get("role") == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system})
+        text = self.template.render(messages, add_generation_prompt=True, tools=tools)
         return self._generate(self.prompt_ids(text), stream, options)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -185,8 +196,12 @@ def _file_type_name(file_type: Any, types: dict[str, int]) -> str:
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, n_ctx: int | None = None, threads: int | None = None) -> Model:
     """Load a model by catalogue/store name or GGUF path. Raises EmberError subclasses on bad input."""
-    path, name = _resolve(model)
-    return Model(path, name, n_ctx=n_ctx, threads=threads)
+    r = _resolve(model)
+    defaults = {k: v for k, v in r.params.items() if k in _SAMPLING_FIELDS or k in ("max_tokens", "stop")}
+    return Model(
+        Path(r.path), r.name, n_ctx=n_ctx or r.params.get("num_ctx"), threads=threads,
+        template=r.template, system=r.system, defaults=defaults,
+    )
 
 
 __all__ = ["load", "Model", "Completion", "TokenStream", "EmberError", "ContextOverflowError"]

@@ -67,7 +67,8 @@ def test_incremental_decode_equals_one_pass(tmp_path, arch):
     for p in range(7, 20):
         steps.append(m.model.forward(torch.tensor([ids[p]]), torch.tensor([p]), cache))
     inc = torch.cat(steps).numpy()
-    np.testing.assert_allclose(inc, full, atol=1e-3 * np.abs(full).max())
+    # Same math in a different batch shape: equal up to the bfloat16 rounding of the projections' outputs.
+    np.testing.assert_allclose(inc, full, atol=2**-7 * np.abs(full).max())
 
 
 def test_greedy_generation_follows_own_logits(tmp_path):
@@ -75,7 +76,7 @@ def test_greedy_generation_follows_own_logits(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_model(path, arch="gemma3", qtype=T.Q8_0, n_layer=6, window=4)
     m = ember.load(path, n_ctx=64)
-    prompt = [1, 300, 301, 302]
+    prompt = [1, 260, 261, 262]
     out = m.generate(prompt, max_tokens=12, temperature=0)
     seq = list(prompt)
     for tok in out.ids:

@@ -106,10 +106,10 @@ class Generator:
                 f"prompt of {len(ids)} tokens does not fit the context window of {self.n_ctx} tokens"
             )
 
-    def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def _prefill(self, ids: list[int], reuse_cache: bool = True) -> tuple[torch.Tensor, int]:
         """Compute KV for ids (reusing the cached prefix); return last-position logits and tokens reused."""
         reuse = 0
-        for a, b in zip(self.cached_ids, ids):
+        for a, b in zip(self.cached_ids if reuse_cache else (), ids):
             if a != b:
                 break
             reuse += 1
@@ -153,7 +153,9 @@ class Generator:
             limit = options.max_tokens if options.max_tokens is not None else self.n_ctx
 
             t0 = time.perf_counter()
-            logits, stats.cached_tokens = self._prefill(ids)
+            # A seeded request must reproduce exactly, and bfloat16 results depend on the batch shape that
+            # computed them: so it computes its whole prompt as a fresh request would.
+            logits, stats.cached_tokens = self._prefill(ids, reuse_cache=options.sampling.seed is None)
             t1 = time.perf_counter()
             stats.prompt_seconds = t1 - t0
             try:
