@@ -24,7 +24,7 @@ from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidPar
 from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
 from ember.model.loader import load_transformer
-from ember.runtime import default_threads
+from ember.runtime import default_threads, single_threaded
 from ember.store import ResolvedModel
 from ember.tokenizer import Tokenizer
 from ember.tokenizer.chat_template import ChatTemplate, select_template
@@ -69,7 +69,8 @@ class Model:
         self.n_ctx = int(n_ctx or min(DEFAULT_CTX, int(train_ctx)))
         if self.n_ctx < 8:
             raise InvalidParameterError(f"context length {self.n_ctx} is too small")
-        self.model = load_transformer(self.file, self.n_ctx, config)
+        with single_threaded():
+            self.model = load_transformer(self.file, self.n_ctx, config)
         self.config = self.model.config
         self.template: ChatTemplate = select_template(self.file.metadata, self.file.architecture)
         if template:

@@ -1,23 +1,30 @@
 """Linear layers over quantized GGUF weights, repacked once at load into the fastest exact form we have.
 
-Forms (chosen per tensor type by `make_linear`):
-- Int4Linear: Q4_0 / Q4_1 / Q4_K become torch's packed int4 group-32 layout. Each of these formats is exactly
-  w = (q - 8) * scale + zero per 32-weight group (see ember.quant.int4_groups), which is the formula of
-  torch's `_weight_int4pack_mm_for_cpu`. Activations run in bfloat16 (the kernel's fast path); scales and
-  zeros are stored in bfloat16 too, the only rounding this form adds.
-- DenseLinear: every other type is dequantized exactly and stored as bfloat16 for torch's GEMM/GEMV.
+Forms (chosen per tensor type):
+- Int4Linear: torch's packed int4 group-32 kernel (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale + zero).
+  Q4_0 / Q4_1 / Q4_K map onto it directly (one plane). Q5_0 / Q5_1 / Q8_0 split exactly into two int4
+  planes (ember.quant.split_int4_planes); the planes are laid side by side along K and the input is
+  repeated, since W x = W_hi x + W_lo x = [W_hi | W_lo] [x; x]. So 5- and 8-bit types also run in one kernel
+  call at ~1 byte per weight instead of 2 for bfloat16. Activations, scales and zeros are bfloat16 (the
+  kernel's fast path): the only rounding this form adds.
+- DenseLinear: every other type (Q6_K, K-quants with 16-wide sub-blocks, F16, F32...) is dequantized
+  exactly and stored as bfloat16 for torch's GEMM.
+Several projections that read the same input (q/k/v, gate/up) are fused into one Linear along N when their
+forms agree, which saves kernel launches and a pass over the activations.
 
 Invariant: a Linear takes float32 or bfloat16 activations [T, in_features] and returns float32 [T, out].
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ember.quant import dequantize, int4_groups
+from ember.quant import dequantize, split_int4_planes
 
-INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+PLANE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q8_0})
 GROUP = 32
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -25,7 +32,6 @@ COMPUTE_DTYPE = torch.bfloat16
 class Linear:
     in_features: int
     out_features: int
-    bias: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -36,16 +42,22 @@ class Linear:
 
 
 class Int4Linear(Linear):
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None):
-        n, k = q.shape
-        self.out_features, self.in_features = n, k
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, planes: int,
+                 bias: torch.Tensor | None = None):
+        """q uint8 [N, planes * K] in 0..15; scale/zero [N, planes * K / 32]."""
+        n, pk = q.shape
+        self.planes = planes
+        self.out_features, self.in_features = n, pk // planes
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         # kernel layout: [K / group, N, 2] holding (scale, zero)
         self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), self.packed, GROUP, self.scales_zeros).float()
+        x = x.to(COMPUTE_DTYPE)
+        if self.planes > 1:
+            x = x.repeat(1, self.planes)
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros).float()
         return y if self.bias is None else y + self.bias
 
     @property
@@ -68,15 +80,58 @@ class DenseLinear(Linear):
         return self.weight.numel() * self.weight.element_size()
 
 
-def int4_supported(qtype: int, shape: tuple[int, ...]) -> bool:
-    # torch's CPU int4 packing needs N % 16 == 0 and whole 32-groups along K.
-    return qtype in INT4_TYPES and len(shape) == 2 and shape[0] % GROUP == 0 and shape[1] % 16 == 0
+@dataclass
+class WeightParts:
+    """One GGUF weight unpacked for the kernel it will use, before packing (so parts can be fused)."""
+
+    out_features: int
+    in_features: int
+    planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # int4 form
+    dense: torch.Tensor | None  # float32 [N, K] otherwise
+    bias: torch.Tensor | None
+
+
+def _int4_fits(qtype: T, shape: tuple[int, ...]) -> bool:
+    # torch's CPU int4 packing needs whole 32-groups along K and N % 16 == 0.
+    return qtype in PLANE_TYPES and len(shape) == 2 and shape[0] % GROUP == 0 and shape[1] % 16 == 0
+
+
+def weight_parts(raw: np.ndarray, qtype: int, shape: tuple[int, ...], bias: torch.Tensor | None = None) -> WeightParts:
+    qtype = T(qtype)
+    k, n = shape
+    if _int4_fits(qtype, shape):
+        return WeightParts(n, k, split_int4_planes(raw, qtype, shape), None, bias)
+    return WeightParts(n, k, None, dequantize(raw, qtype, shape), bias)
+
+
+def build_linear(parts: list[WeightParts]) -> Linear:
+    """One Linear computing the concatenation of the parts' outputs (fused along N when there are several)."""
+    k = parts[0].in_features
+    assert all(p.in_features == k for p in parts)
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts])
+    n_planes = {len(p.planes) if p.planes is not None else 0 for p in parts}
+    if len(n_planes) == 1 and 0 not in n_planes:
+        planes = n_planes.pop()
+        # per part: planes side by side along K; parts stacked along N
+        q = torch.cat([torch.cat([pl[0] for pl in p.planes], dim=1) for p in parts], dim=0)
+        scale = torch.cat([torch.cat([pl[1] for pl in p.planes], dim=1) for p in parts], dim=0)
+        zero = torch.cat([torch.cat([pl[2] for pl in p.planes], dim=1) for p in parts], dim=0)
+        return Int4Linear(q, scale, zero, planes, bias)
+    dense = [p.dense if p.dense is not None else _planes_to_dense(p.planes) for p in parts]
+    return DenseLinear(torch.cat(dense, dim=0), bias)
+
+
+def _planes_to_dense(planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    total = None
+    for q, scale, zero in planes:
+        n, k = q.shape
+        w = ((q.float() - 8).view(n, k // GROUP, GROUP) * scale[..., None] + zero[..., None]).view(n, k)
+        total = w if total is None else total + w
+    return total
 
 
 def make_linear(raw: np.ndarray, qtype: int, shape: tuple[int, ...], bias: torch.Tensor | None = None) -> Linear:
     """Repack one GGUF weight (ggml shape (in, out)) into the fastest exact Linear for its type."""
-    qtype = T(qtype)
-    if int4_supported(qtype, shape):
-        q, scale, zero = int4_groups(raw, qtype, shape)
-        return Int4Linear(q, scale, zero, bias)
-    return DenseLinear(dequantize(raw, qtype, shape), bias)
+    return build_linear([weight_parts(raw, qtype, shape, bias)])

@@ -42,9 +42,11 @@ def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:
         p = f"blk.{i}."
         attn = Attention(
             layer=i,
-            wq=w.linear(p + "attn_q.weight", c.n_embd, q_out),
-            wk=w.linear(p + "attn_k.weight", c.n_embd, kv_out),
-            wv=w.linear(p + "attn_v.weight", c.n_embd, v_out),
+            wqkv=w.fused([
+                (p + "attn_q.weight", c.n_embd, q_out, None),
+                (p + "attn_k.weight", c.n_embd, kv_out, None),
+                (p + "attn_v.weight", c.n_embd, v_out, None),
+            ]),
             wo=w.linear(p + "attn_output.weight", q_out, c.n_embd),
             n_head=c.n_head,
             n_head_kv=c.n_head_kv,
@@ -57,8 +59,7 @@ def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:
             k_norm=RMSNorm(w.vector(p + "attn_k_norm.weight", c.head_dim), c.rms_eps),
         )
         ffn = FeedForward(
-            w.linear(p + "ffn_gate.weight", c.n_embd, c.n_ff),
-            w.linear(p + "ffn_up.weight", c.n_embd, c.n_ff),
+            w.fused([(p + "ffn_gate.weight", c.n_embd, c.n_ff, None), (p + "ffn_up.weight", c.n_embd, c.n_ff, None)]),
             w.linear(p + "ffn_down.weight", c.n_ff, c.n_embd),
             c.activation,
         )

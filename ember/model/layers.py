@@ -55,9 +55,7 @@ class Attention:
     def __init__(
         self,
         layer: int,
-        wq: Linear,
-        wk: Linear,
-        wv: Linear,
+        wqkv: Linear,
         wo: Linear,
         n_head: int,
         n_head_kv: int,
@@ -70,7 +68,7 @@ class Attention:
         k_norm: RMSNorm | None = None,
     ):
         self.layer = layer
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.wqkv, self.wo = wqkv, wo  # q, k and v projections fused along the output dimension
         self.n_head, self.n_head_kv = n_head, n_head_kv
         self.head_dim, self.value_dim = head_dim, value_dim
         self.rope = rope
@@ -80,9 +78,11 @@ class Attention:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         t = x.shape[0]
-        q = self.wq(x).view(t, self.n_head, self.head_dim)
-        k = self.wk(x).view(t, self.n_head_kv, self.head_dim)
-        v = self.wv(x).view(t, self.n_head_kv, self.value_dim)
+        nq, nk = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        qkv = self.wqkv(x)
+        q = qkv[:, :nq].view(t, self.n_head, self.head_dim)
+        k = qkv[:, nq : nq + nk].view(t, self.n_head_kv, self.head_dim)
+        v = qkv[:, nq + nk :].view(t, self.n_head_kv, self.value_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
@@ -94,10 +94,11 @@ class Attention:
 
 
 class FeedForward:
-    """Gated feed-forward: down(act(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up fused into one projection."""
 
-    def __init__(self, gate: Linear, up: Linear, down: Linear, activation: str):
-        self.gate, self.up, self.down = gate, up, down
+    def __init__(self, gate_up: Linear, down: Linear, activation: str):
+        self.gate_up, self.down = gate_up, down
+        self.n_ff = down.in_features
         if activation == "silu":
             self.act = F.silu
         elif activation == "gelu_tanh":
@@ -106,4 +107,5 @@ class FeedForward:
             raise ValueError(f"unknown activation {activation}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        h = self.gate_up(x)
+        return self.down(self.act(h[:, : self.n_ff]) * h[:, self.n_ff :])

@@ -32,9 +32,11 @@ def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:
         p = f"blk.{i}."
         attn = Attention(
             layer=i,
-            wq=w.linear(p + "attn_q.weight", c.n_embd, q_out, bias=p + "attn_q.bias"),
-            wk=w.linear(p + "attn_k.weight", c.n_embd, kv_out, bias=p + "attn_k.bias"),
-            wv=w.linear(p + "attn_v.weight", c.n_embd, v_out, bias=p + "attn_v.bias"),
+            wqkv=w.fused([
+                (p + "attn_q.weight", c.n_embd, q_out, p + "attn_q.bias"),
+                (p + "attn_k.weight", c.n_embd, kv_out, p + "attn_k.bias"),
+                (p + "attn_v.weight", c.n_embd, v_out, p + "attn_v.bias"),
+            ]),
             wo=w.linear(p + "attn_output.weight", q_out, c.n_embd, bias=p + "attn_output.bias"),
             n_head=c.n_head,
             n_head_kv=c.n_head_kv,
@@ -45,8 +47,7 @@ def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:
             window=c.sliding_window if c.is_swa(i) else 0,
         )
         ffn = FeedForward(
-            w.linear(p + "ffn_gate.weight", c.n_embd, c.n_ff),
-            w.linear(p + "ffn_up.weight", c.n_embd, c.n_ff),
+            w.fused([(p + "ffn_gate.weight", c.n_embd, c.n_ff, None), (p + "ffn_up.weight", c.n_embd, c.n_ff, None)]),
             w.linear(p + "ffn_down.weight", c.n_ff, c.n_embd),
             c.activation,
         )

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 
 from ember.errors import GGUFError, UnsupportedError
 from ember.kernels.embedding import Embedding
-from ember.kernels.linear import Linear, make_linear
+from ember.kernels.linear import Linear, WeightParts, build_linear, weight_parts
 from ember.quant import FORMATS, dequantize
 
 
@@ -45,10 +45,17 @@ class Weights:
     def optional_vector(self, name: str, size: int) -> torch.Tensor | None:
         return self.vector(name, size) if self.has(name) else None
 
-    def linear(self, name: str, n_in: int, n_out: int, bias: str | None = None) -> Linear:
+    def parts(self, name: str, n_in: int, n_out: int, bias: str | None = None) -> WeightParts:
         raw, qtype = self.raw(name, (n_in, n_out))
         b = self.optional_vector(bias, n_out) if bias else None
-        return make_linear(raw, qtype, (n_in, n_out), b)
+        return weight_parts(raw, qtype, (n_in, n_out), b)
+
+    def linear(self, name: str, n_in: int, n_out: int, bias: str | None = None) -> Linear:
+        return build_linear([self.parts(name, n_in, n_out, bias)])
+
+    def fused(self, specs: list[tuple[str, int, int, str | None]]) -> Linear:
+        """One Linear for several weights that read the same input: outputs concatenated in order."""
+        return build_linear([self.parts(*spec) for spec in specs])
 
     def embedding(self, name: str, dim: int, n_vocab: int) -> Embedding:
         raw, qtype = self.raw(name, (dim, n_vocab))
