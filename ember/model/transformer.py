@@ -42,15 +42,25 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, all_logits: bool = False
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        all_logits: bool = False,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens/positions [T] -> float32 logits [T, vocab] if all_logits else [1, vocab] (last position)."""
+        """tokens/positions [T] -> float32 logits [T, vocab] if all_logits else [1, vocab] (last position).
+
+        logit_rows [R] (long) overrides both: logits [R, vocab] of those rows, e.g. the last token of each
+        sequence of a batch that samples this step. `cache` may be any object with KVCache's attend()."""
         x = self.embedding(tokens)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         for block in self.blocks:
             x = block(x, positions, cache)
-        if not all_logits:
+        if logit_rows is not None:
+            x = x[logit_rows]
+        elif not all_logits:
             x = x[-1:]  # only the last position feeds sampling: skip the vocab projection of the rest
         return self.output(self.norm(x))
 

@@ -1,0 +1,313 @@
+"""Paged KV cache: per-layer pools of fixed-size blocks, and attention over a flat batch of many sequences.
+
+Layout: per layer, K [num_blocks, block_size, n_head_kv, head_dim] and V [..., value_dim]. A sequence's
+position p lives at slot `block_table[p // block_size] * block_size + p % block_size` of the flattened pool;
+the block tables come from ember.engine.block_manager, this module only follows them.
+
+Protocol: before each forward pass the runner calls `set_batch(BatchLayout.build(...))`; the model then calls
+`attend(layer, q, k, v, positions, scale, window)` once per layer with the FLAT batch of tokens (every
+scheduled sequence's tokens, concatenated in schedule order). attend writes the new K/V into their slots, then
+  - prefill chunks (> 1 token): one SDPA per sequence over its gathered keys with a causal (+ window) mask;
+  - single-token entries (decodes): batched SDPA, each row's keys gathered through its block table; rows
+    are grouped by key count (exact mode, the default) or padded to the longest row and masked.
+The layout (slots, gather indices, masks) is built once per step and shared by all layers; per-window pieces
+are built lazily on first use, since gemma3 mixes windowed and global layers.
+
+Precision: every key attended is read back from storage, the pass's own keys included, so the result does not
+depend on which pass computed a key. (ember.model.kv_cache's ring buffers - windowed layers when the window is
+shorter than n_ctx - attend to the current chunk's keys before rounding, so there the two caches differ by
+storage rounding.)
+
+Sliding window: a query at p sees keys in (p - window, p]. Gemma3 mixes windowed and global layers over ONE
+block table, and the block manager frees a block for all layers at once, so the engine keeps every block for
+every layer (it never calls free_out_of_window for such a model) and windowed layers merely mask. Positions in
+a NULL_BLOCK table entry are never read by a windowed layer (they are outside every window by the manager's
+invariant); packing substitutes block 0 for them so that indexing stays in range.
+
+Storage dtypes: float16 (default, as llama.cpp), bfloat16, or q8_0 (int8 with one float16 scale per 32 values,
+llama.cpp's Q8_0 block, about half the bytes of float16). Attention math runs in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ember.engine.block_manager import NULL_BLOCK
+from ember.errors import InvalidParameterError
+
+KV_DTYPES = ("float16", "bfloat16", "q8_0")
+Q8_GROUP = 32
+
+
+class _Pool:
+    """One layer's K (or V) storage: [num_blocks, block_size, n_head, dim] in the chosen format."""
+
+    def __init__(self, num_blocks: int, block_size: int, n_head: int, dim: int, kind: str):
+        self.kind = kind
+        shape = (num_blocks, block_size, n_head, dim)
+        if kind == "q8_0":
+            if dim % Q8_GROUP:
+                raise InvalidParameterError(f"q8_0 KV cache needs head sizes divisible by {Q8_GROUP}, got {dim}")
+            self.data = torch.zeros(shape, dtype=torch.int8)
+            self.scale: torch.Tensor | None = torch.zeros((*shape[:3], dim // Q8_GROUP), dtype=torch.float16)
+        else:
+            self.data = torch.zeros(shape, dtype=getattr(torch, kind))
+            self.scale = None
+        # Flat views (no copy): slot-indexed [num_blocks * block_size, n_head, ...].
+        self.flat = self.data.view(-1, n_head, dim)
+        self.flat_scale = None if self.scale is None else self.scale.view(-1, n_head, dim // Q8_GROUP)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        return n + (0 if self.scale is None else self.scale.numel() * self.scale.element_size())
+
+    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """x [T, n_head, dim] float -> slots [T]."""
+        if self.flat_scale is None:
+            self.flat[slots] = x.to(self.flat.dtype)
+            return
+        g = x.float().unflatten(-1, (-1, Q8_GROUP))  # [T, H, dim/32, 32]
+        # llama.cpp quantize_row_q8_0: d = amax / 127, q = round(x / d); d is stored as float16, and q is
+        # computed from the float32 d (its rounding error is below the int8 step).
+        d = g.abs().amax(-1) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+        self.flat[slots] = q.flatten(-2)
+        self.flat_scale[slots] = d.to(torch.float16)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """Slots `index` (any shape S) -> float32 [*S, n_head, dim]."""
+        if self.flat_scale is None:
+            return self.flat[index].float()
+        q = self.flat[index].float().unflatten(-1, (-1, Q8_GROUP))
+        return (q * self.flat_scale[index].float()[..., None]).flatten(-2)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.data[dst].copy_(self.data[src])
+        if self.scale is not None:
+            self.scale[dst].copy_(self.scale[src])
+
+
+@dataclass
+class _Prefill:
+    """One multi-token entry: flat token rows [row0, row1) are positions [start, end) of one sequence."""
+
+    row0: int
+    row1: int
+    start: int
+    table: torch.Tensor  # [n_blocks] long, NULL entries replaced by 0
+    views: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # window -> (slots, mask)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.row1 - self.row0
+
+
+@dataclass
+class BatchLayout:
+    """Where each token of a flat batch goes and what it attends to; built by the runner once per step."""
+
+    block_size: int
+    slots: torch.Tensor  # [T] long: cache slot each token's K/V is written to
+    prefills: list[_Prefill]
+    decode_rows: torch.Tensor  # [B] long: flat rows of single-token entries
+    decode_lens: torch.Tensor  # [B] long: context length (keys [0, len)) of each, i.e. its position + 1
+    decode_tables: torch.Tensor  # [B, max_blocks] long, NULL entries and padding replaced by 0
+    exact: bool = True  # decode groups without padding (see PagedKVCache)
+    _decode_views: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
+        default_factory=dict
+    )
+
+    @classmethod
+    def build(
+        cls, block_size: int, entries: Sequence[tuple[Sequence[int], int, int]], exact: bool = True
+    ) -> "BatchLayout":
+        """entries: per scheduled sequence, in flat order, (block_table, start position, number of tokens).
+        Its tokens occupy the next num_tokens flat rows at positions [start, start + num_tokens)."""
+        bs = block_size
+        slots: list[int] = []
+        prefills: list[_Prefill] = []
+        dec_rows: list[int] = []
+        dec_lens: list[int] = []
+        dec_tables: list[list[int]] = []
+        row = 0
+        for table, start, n in entries:
+            end = start + n
+            if n < 1 or len(table) * bs < end:
+                raise ValueError(f"entry of {n} tokens at {start} does not fit its {len(table)} blocks")
+            clean = [b if b != NULL_BLOCK else 0 for b in table]
+            for p in range(start, end):
+                b = table[p // bs]
+                if b == NULL_BLOCK:
+                    raise ValueError(f"position {p} is to be written into a released block")
+                slots.append(b * bs + p % bs)
+            if n == 1:
+                dec_rows.append(row)
+                dec_lens.append(end)
+                dec_tables.append(clean)
+            else:
+                prefills.append(_Prefill(row, row + n, start, torch.tensor(clean, dtype=torch.long)))
+            row += n
+        width = max((len(t) for t in dec_tables), default=0)
+        tables = torch.zeros((len(dec_tables), width), dtype=torch.long)
+        for i, t in enumerate(dec_tables):
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return cls(
+            block_size=bs,
+            slots=torch.tensor(slots, dtype=torch.long),
+            prefills=prefills,
+            decode_rows=torch.tensor(dec_rows, dtype=torch.long),
+            decode_lens=torch.tensor(dec_lens, dtype=torch.long),
+            decode_tables=tables,
+            exact=exact,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.shape[0]
+
+    def decode_groups(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Decode rows in attention groups: (flat rows [b], key slots [b, L], key mask [b, 1, 1, L] or None).
+
+        Row i attends to positions [lo_i, len_i), lo_i = len_i - window on windowed layers (a query at p sees
+        (p - window, p]), else 0. Padded mode: one group, rows padded to the longest span and masked. Exact
+        mode: one group per distinct span, no padding (see PagedKVCache for why)."""
+        groups = self._decode_views.get(window)
+        if groups is None:
+            lens = self.decode_lens
+            lo = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)
+            spans = lens - lo
+            if not lens.numel():
+                members = []
+            elif self.exact:
+                members = [(spans == s).nonzero().flatten() for s in torch.unique(spans).tolist()]
+            else:
+                members = [torch.arange(lens.shape[0])]
+            groups = []
+            bs = self.block_size
+            for idx in members:
+                g_lens, g_lo = lens[idx], lo[idx]
+                span = int(spans[idx].max())
+                pos = g_lo[:, None] + torch.arange(span)[None, :]  # [b, L]
+                valid = pos < g_lens[:, None]
+                pos = torch.minimum(pos, g_lens[:, None] - 1)  # padding reads a real slot of its row, masked
+                slots = self.decode_tables[idx].gather(1, pos // bs) * bs + pos % bs
+                mask = None if bool(valid.all()) else valid[:, None, None, :]
+                groups.append((self.decode_rows[idx], slots, mask))
+            self._decode_views[window] = groups
+        return groups
+
+    def prefill_view(self, p: _Prefill, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [L], mask [n, L]) of one chunk: keys at positions [lo, end) where lo skips what no query of
+        the chunk can see on a windowed layer."""
+        view = p.views.get(window)
+        if view is None:
+            lo = max(0, p.start - window + 1) if window else 0
+            key_pos = torch.arange(lo, p.end)
+            q_pos = torch.arange(p.start, p.end)
+            bs = self.block_size
+            slots = p.table[key_pos // bs] * bs + key_pos % bs
+            mask = key_pos[None, :] <= q_pos[:, None]
+            if window:
+                mask &= key_pos[None, :] > q_pos[:, None] - window
+            view = p.views[window] = (slots, mask)
+        return view
+
+
+class PagedKVCache:
+    """Block pools of every layer plus the layout of the batch being run.
+
+    exact (default True): decode rows are grouped by key span and never padded. CPU SDPA sums in an order that
+    depends on the key length, so padding a row to its neighbours' length (even fully masked) changes its
+    output in the last bits; the model's bfloat16 logits then tie-break differently often enough that greedy
+    text would depend on which requests share the batch. Unpadded groups make each row's attention bit-identical
+    to running it alone (and to ember.model.kv_cache.KVCache). False: one padded SDPA for all decode rows
+    (fewer calls when many sequences with different lengths decode together).
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        n_head_kv: int,
+        head_dim: int,
+        value_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: str = "float16",
+        exact: bool = True,
+    ):
+        if dtype not in KV_DTYPES:
+            raise InvalidParameterError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        if num_blocks < 1 or block_size < 1:
+            raise InvalidParameterError("num_blocks and block_size must be positive")
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.exact = exact
+        self.k = [_Pool(num_blocks, block_size, n_head_kv, head_dim, dtype) for _ in range(n_layer)]
+        self.v = [_Pool(num_blocks, block_size, n_head_kv, value_dim, dtype) for _ in range(n_layer)]
+        self.layout: BatchLayout | None = None
+
+    @staticmethod
+    def bytes_per_block(n_layer: int, n_head_kv: int, head_dim: int, value_dim: int, block_size: int,
+                        dtype: str = "float16") -> int:
+        """Bytes one block costs across all layers (K and V), to size the pool from a memory budget."""
+        per_value = {"float16": 2.0, "bfloat16": 2.0, "q8_0": 1.0 + 2.0 / Q8_GROUP}[dtype]
+        return int(n_layer * block_size * n_head_kv * (head_dim + value_dim) * per_value)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.k + self.v)
+
+    def set_batch(self, layout: BatchLayout) -> None:
+        """Describe the flat batch of the next forward pass (stays until replaced)."""
+        if layout.block_size != self.block_size:
+            raise ValueError("layout built for another block size")
+        self.layout = layout
+
+    def apply_copies(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write orders from the block manager: whole blocks src -> dst, in order, every layer."""
+        for src, dst in pairs:
+            for pool in self.k + self.v:
+                pool.copy_block(src, dst)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        window: int,
+    ) -> torch.Tensor:
+        """Store k/v [T, Hkv, d] of the flat batch and return attention output [T, H, value_dim] (float32).
+
+        `positions` is implied by the layout (the runner built both from the same entries) and not reread."""
+        lay = self.layout
+        if lay is None or lay.num_tokens != q.shape[0]:
+            raise RuntimeError("attend() without a batch layout matching the tokens (call set_batch first)")
+        kp, vp = self.k[layer], self.v[layer]
+        # Write first, then read everything back from the pool: a chunk's own keys then go through the same
+        # storage rounding as the earlier ones, so splitting a prompt into chunks does not change the result.
+        kp.write(lay.slots, k)
+        vp.write(lay.slots, v)
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
+
+        for rows, slots, mask in lay.decode_groups(window):
+            keys = kp.read(slots).transpose(1, 2)  # [b, Hkv, L, d]
+            values = vp.read(slots).transpose(1, 2)
+            qd = q[rows].float().unsqueeze(2)  # [b, H, 1, d]
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[rows] = o[:, :, 0]
+
+        for p in lay.prefills:
+            slots, mask = lay.prefill_view(p, window)
+            keys = kp.read(slots).transpose(0, 1)[None]  # [1, Hkv, L, d]
+            values = vp.read(slots).transpose(0, 1)[None]
+            qp = q[p.row0 : p.row1].float().transpose(0, 1)[None]  # [1, H, n, d]
+            o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[p.row0 : p.row1] = o[0].transpose(0, 1)
+        return out

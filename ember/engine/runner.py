@@ -1,0 +1,48 @@
+"""The model runner: one ScheduledBatch -> one forward pass over a flat batch -> logits of the sampling rows.
+
+The scheduler decides what runs; the runner turns that into tensors. Every scheduled entry contributes its
+tokens at positions [start, start + num_tokens) to one flat run of tokens (prefill chunks and decode tokens
+mixed, in schedule order); the paged cache is told where each token's K/V goes and what it may attend to; and
+the vocabulary projection is computed only for the last token of each entry that samples.
+"""
+from __future__ import annotations
+
+import torch
+
+from ember.engine.paged_cache import BatchLayout, PagedKVCache
+from ember.engine.scheduler import ScheduledBatch
+from ember.model.transformer import Transformer
+
+
+class Runner:
+    def __init__(self, model: Transformer, cache: PagedKVCache):
+        self.model = model
+        self.cache = cache
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run `batch`; returns float32 logits [len(batch.sampling), vocab], rows in batch.sampling order.
+
+        Reads token ids and block tables from the sequences as they are now, so it must run between the
+        scheduler's step() and update() (which is when they describe exactly this batch)."""
+        # Copy-on-write first: an entry may write into the destination block in this very pass.
+        self.cache.apply_copies(batch.copies)
+        if batch.is_empty:
+            return torch.empty(0, self.model.config.n_vocab)
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        entries = []
+        for e in batch.scheduled:
+            end = e.start + e.num_tokens
+            tokens.extend(e.seq.token_ids[e.start : end])
+            positions.extend(range(e.start, end))
+            entries.append((e.seq.block_table, e.start, e.num_tokens))
+            if e.samples:
+                rows.append(len(tokens) - 1)
+        self.cache.set_batch(BatchLayout.build(self.cache.block_size, entries, self.cache.exact))
+        return self.model.forward(
+            torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            self.cache,  # type: ignore[arg-type]  # duck-typed: PagedKVCache has KVCache's attend()
+            logit_rows=torch.tensor(rows, dtype=torch.long),
+        )
