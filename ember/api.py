@@ -5,7 +5,7 @@
     m.generate("Once upon a time", max_tokens=32, temperature=0)        -> Completion
     for chunk in m.chat([{"role": "user", "content": "Hi"}], stream=True): print(chunk.text, end="")
 
-Everything here is a thin edge: text and messages become token ids once, the generator works on ids, and
+Everything here is a thin edge: text and messages become token ids once, the engine works on ids, and
 ids become text once through the streaming detokenizer.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ember.engine.generator import Completion, GenerationOptions, Generator, TokenStream
+from ember.engine.engine import Engine, EngineConfig
+from ember.engine.generator import Completion, GenerationOptions, TokenStream
 from ember.engine.sampler import SamplingParams
 from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidParameterError, ModelNotFoundError
 from ember.gguf import open_gguf
@@ -75,7 +76,15 @@ class Model:
         self.template: ChatTemplate = select_template(self.file.metadata, self.file.architecture)
         if template:
             self.template = ChatTemplate(template, self.template.bos_token, self.template.eos_token)
-        self.generator = Generator(self.model, self.tokenizer, self.n_ctx)
+        # One engine serves this model's every request (API, CLI, server): paged KV cache with prefix
+        # caching, so a chat's next turn reuses the KV of the conversation so far.
+        c = self.config
+        kv_per_token = c.n_layer * c.n_head_kv * (c.head_dim + c.value_dim) * 2
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            EngineConfig(max_model_len=self.n_ctx, kv_cache_bytes=max(256 << 20, 2 * self.n_ctx * kv_per_token)),
+        )
         self.load_seconds = time.perf_counter() - t0
 
     # -- description ------------------------------------------------------------------------------------
@@ -114,7 +123,7 @@ class Model:
     def logits(self, ids: Sequence[int], all_positions: bool = False) -> np.ndarray:
         """Logits after `ids` from an empty context: [vocab] for the last position, or [len(ids), vocab]."""
         ids = [int(i) for i in ids]
-        self.generator.check_ids(ids)
+        self._check_ids(ids)
         cache = self.model.new_cache(len(ids))
         outs = []
         for start in range(0, len(ids), 512):
@@ -127,6 +136,18 @@ class Model:
                 outs.append(out)
         result = torch.cat(outs).numpy()
         return result if all_positions else result[-1]
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        n_vocab = self.config.n_vocab
+        if not ids:
+            raise InvalidParameterError("the prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})")
+        if len(ids) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt of {len(ids)} tokens does not fit the context window of {self.n_ctx} tokens"
+            )
 
     # -- generation -------------------------------------------------------------------------------------
     def _options(self, kwargs: Mapping[str, Any]) -> GenerationOptions:
@@ -168,7 +189,8 @@ class Model:
 
     def _generate(self, ids: list[int], stream: bool, options: Mapping[str, Any]) -> Completion | TokenStream:
         opts = self._options(options)
-        tokens = self.generator.stream(ids, opts)
+        self._check_ids(ids)
+        tokens = self.engine.generate_stream(ids, opts)
         if stream:
             return tokens
         for _ in tokens:

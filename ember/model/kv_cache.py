@@ -77,8 +77,9 @@ class KVCache:
             lo = max(0, start - window + 1)
             old_pos = torch.arange(lo, start)
             old_slots = old_pos % slots
-            keys = torch.cat((kc[:, old_slots].float(), k.transpose(0, 1).float()), dim=1)
-            values = torch.cat((vc[:, old_slots].float(), v.transpose(0, 1).float()), dim=1)
+            # the chunk's own keys are rounded to the storage dtype first, as every later reader sees them
+            keys = torch.cat((kc[:, old_slots].float(), k.transpose(0, 1).to(self.dtype).float()), dim=1)
+            values = torch.cat((vc[:, old_slots].float(), v.transpose(0, 1).to(self.dtype).float()), dim=1)
             key_pos = torch.cat((old_pos, positions))
             keep = positions[-slots:] if t > slots else positions
             kc[:, keep % slots] = k[-keep.shape[0] :].transpose(0, 1).to(self.dtype)
