@@ -83,7 +83,8 @@ class Model:
         self.engine = Engine(
             self.model,
             self.tokenizer,
-            EngineConfig(max_model_len=self.n_ctx, kv_cache_bytes=max(256 << 20, 2 * self.n_ctx * kv_per_token)),
+            # room for two full contexts: the conversation, and a second request or cached prefixes
+            EngineConfig(max_model_len=self.n_ctx, kv_cache_bytes=2 * self.n_ctx * kv_per_token),
         )
         self.load_seconds = time.perf_counter() - t0
 

@@ -48,7 +48,7 @@ class Int4Linear(Linear):
         n, pk = q.shape
         self.planes = planes
         self.out_features, self.in_features = n, pk // planes
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.packed = _pack_int4(q)
         # kernel layout: [K / group, N, 2] holding (scale, zero)
         self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()
         self.bias = bias
@@ -63,6 +63,15 @@ class Int4Linear(Linear):
     @property
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+
+
+def _pack_int4(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """torch's packing wants int32 codes (4x the uint8 size: 1.3 GB for gemma3's tied output); rows pack
+    independently, so convert and pack a slab of rows at a time."""
+    return torch.cat([
+        torch._convert_weight_to_int4pack_for_cpu(q[i : i + rows].to(torch.int32), 1)
+        for i in range(0, q.shape[0], rows)
+    ])
 
 
 class DenseLinear(Linear):
