@@ -121,22 +121,34 @@ class Model:
         return self.tokenizer.decode(list(ids))
 
     # -- scoring ----------------------------------------------------------------------------------------
-    def logits(self, ids: Sequence[int], all_positions: bool = False) -> np.ndarray:
-        """Logits after `ids` from an empty context: [vocab] for the last position, or [len(ids), vocab]."""
+    def logits(
+        self, ids: Sequence[int], all_positions: bool = False, rows: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Logits after `ids` from an empty context: [vocab] for the last position, [len(ids), vocab] with
+        all_positions, or [len(rows), vocab] for the given positions (perplexity scores only some, and the
+        vocabulary projection is most of the cost)."""
         ids = [int(i) for i in ids]
         self._check_ids(ids)
+        last_only = rows is None and not all_positions
+        if rows is None:
+            rows = range(len(ids)) if all_positions else [len(ids) - 1]
+        wanted = torch.tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
+        if len(wanted) and not (0 <= int(wanted[0]) and int(wanted[-1]) < len(ids)):
+            raise InvalidParameterError("logit rows must be positions of the given ids")
         cache = self.model.new_cache(len(ids))
         outs = []
         for start in range(0, len(ids), 512):
             chunk = ids[start : start + 512]
-            last = start + len(chunk) == len(ids)
+            local = wanted[(wanted >= start) & (wanted < start + len(chunk))] - start
             out = self.model.forward(
-                torch.tensor(chunk), torch.arange(start, start + len(chunk)), cache, all_logits=all_positions
+                torch.tensor(chunk), torch.arange(start, start + len(chunk)), cache, logit_rows=local
             )
-            if all_positions or last:
-                outs.append(out)
+            outs.append(out)
         result = torch.cat(outs).numpy()
-        return result if all_positions else result[-1]
+        if [int(r) for r in rows] != wanted.tolist():  # restore the caller's order and repeats
+            index = {r: i for i, r in enumerate(wanted.tolist())}
+            result = result[[index[int(r)] for r in rows]]
+        return result[-1] if last_only else result
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         n_vocab = self.config.n_vocab

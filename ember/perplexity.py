@@ -40,7 +40,7 @@ def perplexity(model, text: str, n_ctx: int = 512) -> PerplexityResult:
     for c in range(n_chunks):
         chunk = tokens[c * n_ctx : (c + 1) * n_ctx]
         batch = ([bos] + chunk[1:]) if bos is not None else chunk
-        logits = torch.from_numpy(model.logits(batch, all_positions=True)[first : n_ctx - 1]).double()
+        logits = torch.from_numpy(model.logits(batch, rows=range(first, n_ctx - 1))).double()
         targets = torch.tensor(chunk[first + 1 : n_ctx])
         logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])
         total -= float(logp.sum())
