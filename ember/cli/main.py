@@ -8,7 +8,8 @@ import traceback
 from collections.abc import Sequence
 
 from ember import __version__
-from ember.cli import bench
+from ember.cli import bench, perplexity, quantize
+from ember.cli import serve as serve_cli
 from ember.errors import EmberError
 
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(handler=_list)
 
     bench.add_parser(sub, parents=[common])  # its module owns its options (also runnable on its own)
+    serve_cli.add_parsers(sub, parents=[common])  # serve, ps, stop
+    quantize.add_parser(sub, parents=[common])
+    perplexity.add_parser(sub, parents=[common])
     return parser
 
 

@@ -39,7 +39,7 @@ import torch
 from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch
+from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig
 from ember.engine.sequence import FinishReason, Sequence
 from ember.engine.stop import StopMatcher
@@ -110,6 +110,9 @@ class RequestOutput:
     completion: Optional[Completion] = None
     metrics: Optional[RequestMetrics] = None
     error: Optional[BaseException] = None  # set with finish_reason "error": the step failed
+    # With add_request(logprobs=n): the token's log-probability under the model's raw distribution (before
+    # penalties, temperature and filters, as OpenAI reports it) and the n most likely (id, logprob) pairs.
+    logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class _Request:
         self.text: list[str] = []
         self.cached_tokens: Optional[int] = None
         self.empty = False  # max_tokens == 0: finishes ("length") without running
+        self.logprobs: Optional[int] = None  # top alternatives to report per token; None: no logprobs
 
 
 class Engine:
@@ -190,9 +194,12 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------------------
 
     def add_request(self, prompt_ids: SequenceT[int], options: GenerationOptions = GenerationOptions(),
-                    sink: Optional[Sink] = None) -> int:
+                    sink: Optional[Sink] = None, logprobs: Optional[int] = None) -> int:
         """Queue a request; returns its id. `sink`, if given, is called (from the thread running step()) with
-        each of its outputs, in order. Raises InvalidParameterError / ContextOverflowError at once."""
+        each of its outputs, in order. `logprobs` (n >= 0) adds each token's logprob and its n most likely
+        alternatives to the outputs. Raises InvalidParameterError / ContextOverflowError at once."""
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise InvalidParameterError(f"logprobs must be a non-negative integer, got {logprobs!r}")
         ids = [int(t) for t in prompt_ids]
         n_vocab = self.model.config.n_vocab
         if not ids:
@@ -211,6 +218,7 @@ class Engine:
         seq = Sequence(rid, ids, max(1, max_tokens))
         req = _Request(seq, options, sampler, self.tokenizer, sink)
         req.empty = max_tokens == 0
+        req.logprobs = logprobs
         if not req.empty:
             # Fail now, in the caller's thread, rather than in the step that would admit it.
             total = len(ids) + max_tokens
@@ -288,30 +296,37 @@ class Engine:
         tokens = self._sample(entries, logits) if entries else []
 
         stopped: set[int] = set()
-        deltas: dict[int, tuple[Optional[int], str]] = {}
-        for e, token in zip(entries, tokens):
+        deltas: dict[int, tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]] = {}
+        for row, (e, token) in enumerate(zip(entries, tokens)):
             req = self._requests[e.seq.seq_id]
             if token in self._eog:
                 stopped.add(req.seq.seq_id)
-                deltas[req.seq.seq_id] = (None, "")
+                deltas[req.seq.seq_id] = (None, "", None)
                 continue
             req.out_ids.append(token)
             text, hit = req.stops.push(req.decoder.push(token))
             if hit:
                 stopped.add(req.seq.seq_id)
-            deltas[req.seq.seq_id] = (token, text)
+            deltas[req.seq.seq_id] = (token, text, self._logprobs(req, logits[row], token))
 
         finished = {s.seq_id for s in self.scheduler.update(batch, tokens, stopped)}
         outputs = []
-        for rid, (token, text) in deltas.items():
+        for rid, (token, text, lp) in deltas.items():
             req = self._requests[rid]
             if rid in finished:
-                outputs.append(self._finish(req, req.seq.finish_reason.value, text, token))
+                outputs.append(self._finish(req, req.seq.finish_reason.value, text, token, logprobs=lp))
             else:
                 if text:
                     req.text.append(text)
-                outputs.append(self._deliver(req, RequestOutput(rid, token, text)))
+                outputs.append(self._deliver(req, RequestOutput(rid, token, text, logprobs=lp)))
         return outputs
+
+    @staticmethod
+    def _logprobs(req: _Request, row: torch.Tensor, token: int) -> Optional[tuple[float, list[tuple[int, float]]]]:
+        if req.logprobs is None:
+            return None
+        chosen = float(torch.log_softmax(row.float(), dim=-1)[token])
+        return chosen, top_logprobs(row, req.logprobs)
 
     def _sample(self, entries: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
         """One token per sampling entry; each row with its own request's parameters, history and generator."""
@@ -353,7 +368,8 @@ class Engine:
                     outputs.append(self._finish(req, FinishReason.ABORT.value, "", None))
 
     def _finish(self, req: _Request, reason: str, text: str, token: Optional[int], ran: bool = True,
-                error: Optional[BaseException] = None) -> RequestOutput:
+                error: Optional[BaseException] = None,
+                logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None) -> RequestOutput:
         if not req.stops.hit and reason != "abort":
             tail, _ = req.stops.push(req.decoder.flush())
             text += tail + req.stops.flush()
@@ -378,7 +394,7 @@ class Engine:
             num_preemptions=seq.num_preemptions,
         )
         completion = Completion("".join(req.text), list(req.out_ids), reason, metrics.stats())
-        out = RequestOutput(seq.seq_id, token, text, True, reason, completion, metrics, error)
+        out = RequestOutput(seq.seq_id, token, text, True, reason, completion, metrics, error, logprobs)
         return self._deliver(req, out)
 
     def _deliver(self, req: _Request, out: RequestOutput) -> RequestOutput:
@@ -431,22 +447,23 @@ class Engine:
             if not handle.finished:
                 handle.abort()
 
-    def submit(self, prompt_ids: SequenceT[int], options: GenerationOptions = GenerationOptions()
-               ) -> "RequestHandle":
+    def submit(self, prompt_ids: SequenceT[int], options: GenerationOptions = GenerationOptions(),
+               logprobs: Optional[int] = None) -> "RequestHandle":
         """Add a request whose outputs collect in a thread-safe queue; iterate the handle to read them."""
         q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        rid = self.add_request(prompt_ids, options, sink=q.put)
+        rid = self.add_request(prompt_ids, options, sink=q.put, logprobs=logprobs)
         return RequestHandle(self, rid, q)
 
-    async def stream(self, prompt_ids: SequenceT[int], options: GenerationOptions = GenerationOptions()
-                     ) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt_ids: SequenceT[int], options: GenerationOptions = GenerationOptions(),
+                     logprobs: Optional[int] = None) -> AsyncIterator[RequestOutput]:
         """Async iterator of one request's outputs; needs start_background(). Cancelling (or leaving the loop
         early) aborts the request."""
         if not self.background_running:
             raise RuntimeError("Engine.stream() needs the background loop: call start_background() first")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = self.add_request(prompt_ids, options, sink=lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
+        rid = self.add_request(prompt_ids, options, sink=lambda out: loop.call_soon_threadsafe(q.put_nowait, out),
+                               logprobs=logprobs)
         finished = False
         try:
             while not finished:
