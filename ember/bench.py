@@ -1,0 +1,296 @@
+"""Single-stream speed measurement, modelled on llama.cpp's llama-bench.
+
+Two tests, each repeated and reported as mean ± std tokens/s:
+- ppN: one prompt of N random token ids from an empty cache, run in the generator's 512-token chunks.
+- tgM: M single-token decode steps after an (untimed) one-token prefill, i.e. generation from an almost empty
+  context, as llama-bench's tg test measures it.
+
+Both drive `Transformer.forward` directly, exactly as ember.engine.generator does, so tokenizer, sampler and
+text streaming stay out of the numbers. Alongside speed we report load time, peak RSS and, for generation,
+the effective weight bandwidth (bytes of weights read per token x tokens/s) next to this machine's measured
+memory bandwidth: decode is memory-bound, so that ratio says how far we are from the hardware limit.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ember.engine.generator import PREFILL_CHUNK
+from ember.kernels.linear import Linear
+from ember.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 5
+    threads: int | None = None  # None: ember's default (the cores this process may use)
+    n_ctx: int | None = None  # None: just enough for the larger test
+    warmup: bool = True  # one untimed run of each test first, as llama-bench does
+    bandwidth_bytes: int = 1 << 30  # size of the memory-bandwidth probe; 0 skips it
+    seed: int = 0
+
+
+@dataclass
+class TestResult:
+    name: str  # "pp512" / "tg128", llama-bench's naming
+    n_prompt: int
+    n_gen: int
+    samples_s: list[float] = field(default_factory=list)  # wall seconds of each repetition
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prompt if self.n_gen == 0 else self.n_gen
+
+    @property
+    def samples_ts(self) -> list[float]:
+        return [self.n_tokens / s for s in self.samples_s]
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.samples_ts)
+
+    @property
+    def stddev_ts(self) -> float:
+        ts = self.samples_ts
+        return statistics.stdev(ts) if len(ts) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n_prompt": self.n_prompt,
+            "n_gen": self.n_gen,
+            "samples_s": self.samples_s,
+            "samples_ts": self.samples_ts,
+            "avg_ts": self.avg_ts,
+            "stddev_ts": self.stddev_ts,
+        }
+
+
+@dataclass
+class BenchReport:
+    model: str
+    path: str
+    architecture: str
+    quantization: str
+    parameters: int
+    file_size: int
+    threads: int
+    n_ctx: int
+    load_seconds: float
+    peak_rss_bytes: int  # high-water mark of this process after the tests (VmHWM, else ru_maxrss)
+    weight_bytes_per_token: int  # resident repacked Linear weights + one embedding row
+    mem_bandwidth_gbs: float | None  # machine read bandwidth, one thread
+    mem_bandwidth_threads_gbs: float | None  # the same probe with the benchmark's thread count
+    tests: list[TestResult]
+    torch_version: str = torch.__version__
+    cpu: str = field(default_factory=lambda: _cpu_name())
+
+    def test(self, prefix: str) -> TestResult | None:
+        return next((t for t in self.tests if t.name.startswith(prefix)), None)
+
+    @property
+    def tg_bandwidth_gbs(self) -> float | None:
+        """Effective weight bandwidth of generation: bytes of weights read per token x tokens/s."""
+        tg = self.test("tg")
+        return self.weight_bytes_per_token * tg.avg_ts / 1e9 if tg else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tests"] = [t.to_dict() for t in self.tests]
+        d["tg_bandwidth_gbs"] = self.tg_bandwidth_gbs
+        return d
+
+
+# -- what a forward pass reads -----------------------------------------------------------------------------
+
+def linear_layers(model: Transformer) -> list[Linear]:
+    """Every distinct Linear reachable from the model (blocks, attention, FFN, output), each once."""
+    found: dict[int, Linear] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Linear):
+            found[id(obj)] = obj
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, np.ndarray, type)):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(model.blocks, 0)
+    walk(model.output, 0)
+    return list(found.values())
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: all Linear weights plus one embedding row (the embedding
+    table itself stays in the file and only the looked-up row is touched)."""
+    linear = sum(layer.nbytes for layer in linear_layers(model))
+    rows = getattr(model.embedding, "rows", None)
+    row_bytes = int(rows.shape[1] * rows.itemsize) if rows is not None and rows.ndim == 2 else 0
+    return linear + row_bytes
+
+
+# -- machine facts -----------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process. VmHWM is exact on Linux; ru_maxrss is KiB on Linux and bytes
+    on macOS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if platform.system() == "Darwin" else maxrss * 1024
+
+
+def measure_memory_bandwidth(n_bytes: int = 1 << 30, threads: int = 1, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s: best of `repeats` sums over an n_bytes float32 array (far larger than any
+    cache, so every pass streams from DRAM). A sum is the access pattern of a decode step's weight reads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(max(n_bytes // 4, 1), dtype=torch.float32)  # ones(): pages are touched before timing
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t0)
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- the tests ---------------------------------------------------------------------------------------------
+
+def _random_ids(rng: np.random.Generator, n: int, n_vocab: int) -> list[int]:
+    return rng.integers(0, n_vocab, size=n).tolist()
+
+
+def run_prompt(model: Transformer, ids: list[int], n_ctx: int) -> float:
+    """Seconds to prefill `ids` into a fresh cache in the generator's chunks (last-position logits only)."""
+    cache = model.new_cache(n_ctx)
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = ids[start : start + PREFILL_CHUNK]
+        model.forward(torch.tensor(chunk, dtype=torch.long), torch.arange(start, start + len(chunk)), cache)
+    return time.perf_counter() - t0
+
+
+def run_generation(model: Transformer, ids: list[int], n_ctx: int) -> float:
+    """Seconds for len(ids)-1 single-token steps after a one-token prefill (untimed) into a fresh cache."""
+    cache = model.new_cache(n_ctx)
+    model.forward(torch.tensor(ids[:1], dtype=torch.long), torch.arange(0, 1), cache)
+    t0 = time.perf_counter()
+    for pos in range(1, len(ids)):
+        model.forward(torch.tensor(ids[pos : pos + 1], dtype=torch.long), torch.arange(pos, pos + 1), cache)
+    return time.perf_counter() - t0
+
+
+def _repeat(result: TestResult, once: Callable[[], float], reps: int, warmup: bool) -> TestResult:
+    if warmup:
+        once()  # first-touch page faults of mmapped weights and torch's kernel selection, as llama-bench
+    for _ in range(reps):
+        result.samples_s.append(once())
+    return result
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> BenchReport:
+    """Load the model, run ppN and tgM, then probe memory bandwidth (last, so its buffer is not in the
+    peak RSS reported for the model)."""
+    import ember  # the public API; imported here so `import ember.bench` stays cheap
+
+    if cfg.n_prompt < 0 or cfg.n_gen < 0 or cfg.repetitions < 1:
+        raise ValueError("n_prompt and n_gen must be >= 0 and repetitions >= 1")
+    say = log or (lambda _msg: None)
+    n_ctx = cfg.n_ctx or max(cfg.n_prompt, cfg.n_gen + 1, 8)
+    m = ember.load(cfg.model, n_ctx=n_ctx, threads=cfg.threads)
+    try:
+        model = m.model
+        n_vocab = model.config.n_vocab
+        rng = np.random.default_rng(cfg.seed)
+        tests: list[TestResult] = []
+        if cfg.n_prompt > 0:
+            say(f"pp{cfg.n_prompt}: {cfg.repetitions} runs")
+            ids = _random_ids(rng, cfg.n_prompt, n_vocab)
+            tests.append(
+                _repeat(TestResult(f"pp{cfg.n_prompt}", cfg.n_prompt, 0),
+                        lambda: run_prompt(model, ids, n_ctx), cfg.repetitions, cfg.warmup)
+            )
+        if cfg.n_gen > 0:
+            say(f"tg{cfg.n_gen}: {cfg.repetitions} runs")
+            ids = _random_ids(rng, cfg.n_gen + 1, n_vocab)
+            tests.append(
+                _repeat(TestResult(f"tg{cfg.n_gen}", 0, cfg.n_gen),
+                        lambda: run_generation(model, ids, n_ctx), cfg.repetitions, cfg.warmup)
+            )
+        info = m.info()
+        threads = torch.get_num_threads()
+        rss = peak_rss_bytes()
+        wbytes = weight_bytes_per_token(model)
+    finally:
+        m.close()
+    bw1 = bwn = None
+    if cfg.bandwidth_bytes > 0:
+        say("memory bandwidth probe")
+        bw1 = measure_memory_bandwidth(cfg.bandwidth_bytes, threads=1)
+        bwn = bw1 if threads == 1 else measure_memory_bandwidth(cfg.bandwidth_bytes, threads=threads)
+    return BenchReport(
+        model=m.name,
+        path=str(m.path),
+        architecture=m.architecture,
+        quantization=str(info["quantization"]),
+        parameters=int(info["parameters"]),
+        file_size=int(info["file_size"]),
+        threads=threads,
+        n_ctx=n_ctx,
+        load_seconds=m.load_seconds,
+        peak_rss_bytes=rss,
+        weight_bytes_per_token=wbytes,
+        mem_bandwidth_gbs=bw1,
+        mem_bandwidth_threads_gbs=bwn,
+        tests=tests,
+    )
+
+
+__all__ = [
+    "BenchConfig",
+    "BenchReport",
+    "TestResult",
+    "linear_layers",
+    "measure_memory_bandwidth",
+    "peak_rss_bytes",
+    "run_bench",
+    "run_generation",
+    "run_prompt",
+    "weight_bytes_per_token",
+]
