@@ -8,7 +8,8 @@ import traceback
 from collections.abc import Sequence
 
 from ember import __version__
-from ember.cli import bench, perplexity, quantize
+from ember.cli import bench, perplexity, quantize, store_cmds
+from ember.cli import pull as pull_cli
 from ember.cli import serve as serve_cli
 from ember.errors import EmberError
 
@@ -38,10 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ctx", type=int, metavar="N", help="context window in tokens")
     run.set_defaults(handler=_run)
 
-    pull = sub.add_parser("pull", parents=[common], help="fetch a model from the catalogue",
-                          description="Fetch a model from Ember's catalogue into the local store.")
-    pull.add_argument("model", metavar="MODEL")
-    pull.set_defaults(handler=_pull)
+    pull_cli.add_parser(sub, parents=[common])
 
     ls = sub.add_parser("list", aliases=["ls"], parents=[common], help="list models in the local store",
                         description="List models in the local store.")
@@ -49,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_parser(sub, parents=[common])  # its module owns its options (also runnable on its own)
     serve_cli.add_parsers(sub, parents=[common])  # serve, ps, stop
+    store_cmds.add_parsers(sub, parents=[common])  # create, show, rm, cp, push
     quantize.add_parser(sub, parents=[common])
     perplexity.add_parser(sub, parents=[common])
     return parser
@@ -59,12 +58,6 @@ def _run(args: argparse.Namespace) -> int:
     from ember.cli.run import run_command
 
     return run_command(args)
-
-
-def _pull(args: argparse.Namespace) -> int:
-    from ember.cli.pull import pull_command
-
-    return pull_command(args.model)
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -1,12 +1,17 @@
-"""`ember pull NAME`: install a catalogue model, showing progress like Ollama's pull."""
+"""`ember pull NAME [--insecure]`: install a model from the catalogue or a registry, with Ollama-style progress.
+
+`ProgressLine` draws the bars for every store command (pull, push, create); `events` adapts the store's
+Ollama-shaped progress objects ({"status", "total", "completed"}) to it.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from ember.cli.list import human_bytes
-from ember.store.catalog import pull
 
 _BAR_WIDTH = 24
 _REDRAW_SECONDS = 0.1
@@ -56,10 +61,33 @@ class ProgressLine:
             self.open_line = False
 
 
-def pull_command(name: str, out: TextIO | None = None) -> int:
+def events(line: ProgressLine) -> Callable[[dict[str, Any]], None]:
+    """A store progress callback (Ollama status objects) that draws on `line`."""
+
+    def on_event(event: dict[str, Any]) -> None:
+        line(str(event.get("status", "")), int(event.get("completed") or 0), int(event.get("total") or 0))
+
+    return on_event
+
+
+def pull_command(name: str, out: TextIO | None = None, insecure: bool = False) -> int:
+    from ember.store.registry import pull
+
     progress = ProgressLine(out or sys.stderr)
     try:
-        pull(name, progress=progress)
+        pull(name, insecure=insecure, progress=events(progress))
     finally:
         progress.finish()
     return 0
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Register `pull` (main.py calls this, as it does for the other command modules)."""
+    pull = sub.add_parser(
+        "pull", parents=parents, help="fetch a model from the catalogue or a registry",
+        description="Fetch a model into the local store: catalogue names (smollm2, gemma3) from Ember's "
+                    "offline catalogue, host/namespace/model[:tag] from that registry, other names from "
+                    "the registry in $EMBER_REGISTRY. An interrupted pull resumes.")
+    pull.add_argument("model", metavar="MODEL")
+    pull.add_argument("--insecure", action="store_true", help="use plain HTTP for the registry")
+    pull.set_defaults(handler=lambda args: pull_command(args.model, insecure=args.insecure))
