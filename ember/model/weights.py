@@ -12,6 +12,9 @@ from gguf import GGMLQuantizationType as T
 from ember.errors import GGUFError, UnsupportedError
 from ember.kernels.embedding import Embedding
 from ember.kernels.linear import Linear, WeightParts, build_linear, weight_parts
+from ember.model.config import ModelConfig
+from ember.model.layers import FeedForward, RMSNorm
+from ember.model.transformer import Transformer
 from ember.quant import FORMATS, dequantize
 
 
@@ -60,3 +63,37 @@ class Weights:
     def embedding(self, name: str, dim: int, n_vocab: int) -> Embedding:
         raw, qtype = self.raw(name, (dim, n_vocab))
         return Embedding(raw.reshape(n_vocab, -1), qtype, dim)
+
+
+# Builders shared by the architecture files: the GGUF tensor names of the parts every family has alike.
+
+def build_norm(w: Weights, name: str, size: int, eps: float) -> RMSNorm:
+    return RMSNorm(w.vector(name, size), eps)
+
+
+def build_ffn(w: Weights, prefix: str, config: ModelConfig) -> FeedForward:
+    """Gated FFN of block `prefix` ("blk.N."), gate and up fused."""
+    c = config
+    gate_up = w.fused([(prefix + "ffn_gate.weight", c.n_embd, c.n_ff, None),
+                       (prefix + "ffn_up.weight", c.n_embd, c.n_ff, None)])
+    return FeedForward(gate_up, w.linear(prefix + "ffn_down.weight", c.n_ff, c.n_embd), c.activation)
+
+
+def build_qkv(w: Weights, prefix: str, config: ModelConfig, biases: bool) -> Linear:
+    c = config
+    b = (lambda n: prefix + n) if biases else (lambda n: None)
+    return w.fused([
+        (prefix + "attn_q.weight", c.n_embd, c.n_head * c.head_dim, b("attn_q.bias")),
+        (prefix + "attn_k.weight", c.n_embd, c.n_head_kv * c.head_dim, b("attn_k.bias")),
+        (prefix + "attn_v.weight", c.n_embd, c.n_head_kv * c.value_dim, b("attn_v.bias")),
+    ])
+
+
+def build_transformer(w: Weights, config: ModelConfig, blocks: list) -> Transformer:
+    """Embedding, final norm and output projection around `blocks` (output tied to the embedding when the
+    file has no output.weight)."""
+    c = config
+    out_name = "output.weight" if w.has("output.weight") else "token_embd.weight"
+    return Transformer(c, w.embedding("token_embd.weight", c.n_embd, c.n_vocab), blocks,
+                       build_norm(w, "output_norm.weight", c.n_embd, c.rms_eps),
+                       w.linear(out_name, c.n_embd, c.n_vocab))
