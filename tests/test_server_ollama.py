@@ -13,42 +13,11 @@ import pytest
 
 from ember.server.app import ServerConfig, start_in_thread
 from ember.server.models import ModelSpec
+from server_helpers import HERMES_TOOLS, WEATHER_TOOL
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 GREEDY = {"temperature": 0, "num_predict": 6}
-
-# A Hermes-style tools template with two worked examples: enough for SmolLM2-135M to answer a weather
-# question with a well-formed <tool_call> at temperature 0 (its own template has no tools).
-HERMES_TOOLS = r"""{%- if tools %}<|im_start|>system
-You are a function calling AI model. Here are the available tools: <tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>
-For each function call return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-dict>}
-</tool_call><|im_end|>
-<|im_start|>user
-What is the weather in London?<|im_end|>
-<|im_start|>assistant
-<tool_call>
-{"name": "get_weather", "arguments": {"city": "London"}}
-</tool_call><|im_end|>
-<|im_start|>user
-What is the weather in Berlin?<|im_end|>
-<|im_start|>assistant
-<tool_call>
-{"name": "get_weather", "arguments": {"city": "Berlin"}}
-</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
