@@ -1,7 +1,10 @@
-"""Single-sequence generation: prefill, then sample and decode one token at a time, streaming text.
+"""Generation request/result types, and a single-sequence reference decoder.
 
-This is the path the CLI and Python API use for one conversation. It keeps the KV cache between calls and
-reuses the longest common token prefix, so a chat's next turn only computes the new tokens.
+GenerationOptions, Stats, Completion, Chunk and TokenStream are what the engine (ember/engine/engine.py)
+and the API exchange. `Generator` decodes one sequence over a contiguous KV cache (ember/model/kv_cache.py):
+the API no longer uses it (every request runs on the paged Engine); it stays as the independent reference
+that tests/test_engine.py compares the engine's batched output against, and as the simplest path for a
+future compiled single-stream decode step.
 """
 from __future__ import annotations
 
