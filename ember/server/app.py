@@ -14,7 +14,7 @@ Configuration (environment, read by ServerConfig.from_env):
 | EMBER_MAX_QUEUE           | 512                  | requests in flight before 503                            |
 | EMBER_NUM_THREADS         | Ember's default      | torch threads                                            |
 | EMBER_CONTEXT_LENGTH      | model's (<= 4096)    | default num_ctx                                          |
-| EMBER_MAX_REQUEST_BYTES   | 32M                  | request body limit (413 above)                           |
+| EMBER_MAX_REQUEST_BYTES   | 32M                  | request body limit (413 above; not for blob uploads)     |
 
 Middleware, outermost first: access log + request metrics (sees every answer, 401s included), CORS (answers
 preflights before auth), then auth and the body-size limit. All are plain ASGI, so streamed responses and
@@ -42,7 +42,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.errors import EmberError, InvalidParameterError
-from ember.server import ollama_api, openai_api, parse_host
+from ember.server import ollama_api, openai_api, parse_host, store_api
 from ember.server.auth import KeyChecker, load_keys
 from ember.server.errors import APIError, error_response
 from ember.server.generation import ClientGone
@@ -54,6 +54,7 @@ access_log = logging.getLogger("ember.access")
 # Ollama's default: browsers may call from pages served on this machine (and desktop app schemes).
 _LOOPBACK_ORIGINS = (r"(https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:\d+)?"
                      r"|(app|file|tauri|vscode-webview)://.*)")
+_BLOB_PATH = "/api/blobs/"
 _SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
 
@@ -134,6 +135,7 @@ ROUTES: list[tuple[str, list[str], Any]] = [
     ("/health", ["GET"], health),
     ("/metrics", ["GET"], metrics),
     *ollama_api.ROUTES,
+    *store_api.ROUTES,
     *openai_api.ROUTES,
 ]
 
@@ -154,7 +156,8 @@ class GuardMiddleware:
             if self.keys.enabled and not self.keys.is_public(method, path):
                 self.keys.check(headers.get("authorization"))
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > self.max_bytes:
+            # Blob uploads are model weights (gigabytes), streamed to disk: the JSON body limit is not for them.
+            if not path.startswith(_BLOB_PATH) and length.isdigit() and int(length) > self.max_bytes:
                 raise APIError(413, f"request body is larger than {self.max_bytes} bytes", "request_too_large")
         except APIError as e:
             extra = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
