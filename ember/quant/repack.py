@@ -21,10 +21,12 @@ what a quantizer produces - always satisfy it; tests/test_dequant.py checks it o
 Wider codes split into two int4 planes, W = sum over planes of ((q_p - 8) * scale_p + zero_p), with u the
 code made unsigned (Q8_0: u = q + 128), u = 16 hi + lo, and w = (u - off) * s + bias:
 
-| plane | q          | scale  | zero                    | plane value           |
-|-------|------------|--------|-------------------------|-----------------------|
-| hi    | u >> 4     | 16 s   | 128 s                   | 16 hi s               |
-| lo    | u & 15     | s      | (8 - off) s + bias      | (lo - off) s + bias   |
+| plane | q                         | scale | zero                                  |
+|-------|---------------------------|-------|---------------------------------------|
+| hi    | u >> 4 (+ 8 for Q5 types) | 16 s  | 0                                     |
+| lo    | u & 15                    | s     | (8 - off) s + bias; Q8_0: (136-off) s |
+
+(zeros are kept small because the kernel stores them in bfloat16; see split_int4_planes)
 
 For Q8_0 (off 128) and Q5_0 (off 16, hi is 0 or 1) both plane values are exact float32 and so is their sum.
 Q5_1 (off 0, bias m) is exact when m + 8 d and m + lo d are float32s (the lo plane then rounds nothing), which,
@@ -114,6 +116,15 @@ def split_int4_planes(raw: np.ndarray | torch.Tensor, qtype: T, shape: tuple[int
         offset = 128
     hi = u >> 4
     lo = u.bitwise_and_(15)  # u is ours (a fresh copy), reuse it
-    hi_plane = (hi, s * 16, s * 128)
-    lo_plane = (lo, s, torch.add(bias, s, alpha=8 - offset))
-    return [hi_plane, lo_plane]
+    # The kernel stores each group's (scale, zero) in bfloat16, so a zero of large magnitude loses
+    # |zero| * 2^-9 for every weight of its group. Keep zeros small: the hi plane gets zero 0 and the lo
+    # plane the whole constant. With hi codes re-centred on 8 (possible for Q5 types, whose hi bit is 0 or 1)
+    # that constant is (8 - off) s + bias; for Q8_0 (hi spans 0..15) it is (136 - off) s = 8 s.
+    #   sum = (hi' - 8) 16 s + (lo - 8) s + zero_lo = (u - off) s + bias
+    if qt == T.Q8_0:
+        lo_zero = torch.add(bias, s, alpha=136 - offset)
+        hi_plane = (hi, s * 16, torch.zeros_like(s))
+    else:
+        lo_zero = torch.add(bias, s, alpha=8 - offset)
+        hi_plane = (hi.add_(8), s * 16, torch.zeros_like(s))
+    return [hi_plane, (lo, s, lo_zero)]
