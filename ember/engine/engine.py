@@ -215,7 +215,9 @@ class Engine:
         max_tokens = room if options.max_tokens is None else min(options.max_tokens, room)
         sampler = Sampler(options.sampling, n_vocab)  # validates logit_bias against the vocabulary
         rid = next(self._ids)
-        seq = Sequence(rid, ids, max(1, max_tokens))
+        # A seeded request computes its whole prompt, as a fresh one would: bfloat16 results depend on the
+        # batch shape that computed them, and the same seed must give the same tokens.
+        seq = Sequence(rid, ids, max(1, max_tokens), use_prefix_cache=options.sampling.seed is None)
         req = _Request(seq, options, sampler, self.tokenizer, sink)
         req.empty = max_tokens == 0
         req.logprobs = logprobs

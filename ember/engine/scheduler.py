@@ -253,7 +253,7 @@ class Scheduler:
         # tight, and readmitting a just-preempted sequence would only thrash.
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            match = bm.prefix_match(seq) if cfg.enable_prefix_caching else NO_MATCH
+            match = bm.prefix_match(seq) if cfg.enable_prefix_caching and seq.use_prefix_cache else NO_MATCH
             remaining = seq.num_tokens - match.num_computed_tokens
             want = min(remaining, budget)
             if want < remaining and not cfg.enable_chunked_prefill:

@@ -45,6 +45,7 @@ class Sequence:
         prompt_token_ids: SequenceT[int],
         max_tokens: int,
         arrival_time: Optional[float] = None,
+        use_prefix_cache: bool = True,
     ) -> None:
         if len(prompt_token_ids) == 0:
             raise InvalidParameterError("a prompt needs at least one token")
@@ -54,6 +55,9 @@ class Sequence:
             raise InvalidParameterError("prompt token ids must be non-negative integers")
         self.seq_id = seq_id
         self.max_tokens = max_tokens
+        # False: never start from cached prefix blocks (the sequence's own blocks are still published).
+        # Used for seeded requests, whose tokens must not depend on what an earlier request left cached.
+        self.use_prefix_cache = use_prefix_cache
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # Prompt and output live in one list so that slicing a block's tokens never has to stitch two lists;
         # the split point is num_prompt_tokens. Tokens are append-only, which is what lets block hashes be
