@@ -165,6 +165,8 @@ def test_access_log_lines_are_json(http):
     log.setLevel(logging.INFO)
     try:
         http.get("/api/version")
+        # The line is written after the response is sent, on the server's thread: wait for it.
+        _wait(lambda: any(json.loads(r.getMessage())["path"] == "/api/version" for r in seen), 5)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
