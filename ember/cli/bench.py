@@ -169,17 +169,10 @@ def format_csv(report: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m ember.cli.bench`), with the main CLI's error handling."""
-    from ember.errors import EmberError
+    """Standalone entry (`python -m ember.cli.bench`): the main CLI's `bench` command, its error handling included."""
+    from ember.cli.main import main as ember_main
 
-    parser = argparse.ArgumentParser(prog="ember bench", description="Measure single-stream speed.")
-    _configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EmberError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    return ember_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -78,17 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m ember.cli.quantize`), with the main CLI's error handling."""
-    from ember.errors import EmberError
+    """Standalone entry (`python -m ember.cli.quantize`): the main CLI's `quantize` command, its error handling included."""
+    from ember.cli.main import main as ember_main
 
-    parser = argparse.ArgumentParser(prog="ember quantize", description="Quantize a GGUF model.")
-    _configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except EmberError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    return ember_main(["quantize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
