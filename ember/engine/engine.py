@@ -146,6 +146,7 @@ class _Request:
         self.cached_tokens: Optional[int] = None
         self.empty = False  # max_tokens == 0: finishes ("length") without running
         self.logprobs: Optional[int] = None  # top alternatives to report per token; None: no logprobs
+        self.constraint = options.constraint() if options.constraint is not None else None
 
 
 class Engine:
@@ -301,6 +302,8 @@ class Engine:
         deltas: dict[int, tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]] = {}
         for row, (e, token) in enumerate(zip(entries, tokens)):
             req = self._requests[e.seq.seq_id]
+            if req.constraint is not None:
+                req.constraint.advance(token)
             if token in self._eog:
                 stopped.add(req.seq.seq_id)
                 deltas[req.seq.seq_id] = (None, "", None)
@@ -334,6 +337,16 @@ class Engine:
         """One token per sampling entry; each row with its own request's parameters, history and generator."""
         reqs = [self._requests[e.seq.seq_id] for e in entries]
         params = [r.sampler.params for r in reqs]
+        constrained = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                mask = reqs[i].constraint.allowed()  # type: ignore[union-attr]
+                if mask is not None:
+                    if not bool(mask.any()):  # nothing may follow: the constrained output is complete
+                        mask = torch.zeros_like(mask)
+                        mask[list(self._eog)] = True
+                    logits[i].masked_fill_(~mask, float("-inf"))
         if all(p.greedy and not p.penalizes and not p.logit_bias for p in params):
             return logits.argmax(-1).tolist()
         bp = BatchParams.from_params(params, self.model.config.n_vocab)

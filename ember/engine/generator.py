@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -25,11 +25,25 @@ from ember.tokenizer import Tokenizer
 PREFILL_CHUNK = 512  # tokens per prefill forward pass: bounds the attention mask and activations
 
 
+class Constraint(Protocol):
+    """Per-request token constraint (e.g. a JSON grammar): which tokens may come next, told each accepted one.
+
+    The engine calls allowed() before sampling each token of the request and advance() with the token it
+    chose; allowed() returning None means no restriction for this token. An all-False mask means the constrained
+    output is complete: the engine then allows only end-of-generation tokens."""
+
+    def allowed(self) -> Optional[torch.Tensor]: ...  # bool [n_vocab] or None
+
+    def advance(self, token: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_tokens: int | None = None  # None: until an end-of-generation token or the context is full
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Builds a fresh Constraint per request (options may be shared by many requests; a constraint has state).
+    constraint: Optional[Callable[[], Constraint]] = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
