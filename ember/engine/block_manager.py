@@ -306,6 +306,19 @@ class BlockManager:
                 self._hash_to_block[hashes[i]] = bid
         self._num_committed[seq.seq_id] = full
 
+    def trim(self, seq: Sequence) -> int:
+        """Release the blocks past seq's computed positions (speculative decoding's rollback: a verification
+        pass wrote rejected drafts there). Those blocks were never committed (not full and computed), so they
+        hold no hash and go straight back to the free list. Returns how many were released."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        released = 0
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            if bid != NULL_BLOCK:
+                self._release(bid)
+                released += 1
+        return released
+
     def free(self, seq: Sequence) -> None:
         """Release all of seq's blocks (finish, abort or preemption); its KV is gone, so nothing is computed."""
         # Release the tail first: it joins the LRU order earlier, so it is evicted before the head blocks,

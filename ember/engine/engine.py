@@ -36,10 +36,13 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Sequ
 
 import torch
 
+from ember.engine.draft import DraftProposer
 from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
+from ember.engine.sampler import (BatchParams, Sampler, penalty_windows, sample_batch, target_distribution,
+                                  top_logprobs)
+from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig
 from ember.engine.sequence import FinishReason, Sequence
 from ember.engine.stop import StopMatcher
@@ -59,6 +62,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: the model's rope table length (its n_ctx)
     enable_prefix_caching: bool = True
     exact_attention: bool = True  # batch-invariant decode attention (see PagedKVCache)
+    speculative: SpeculativeConfig = SpeculativeConfig()  # default: no speculation
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
@@ -125,6 +129,10 @@ class EngineStats:
     num_blocks: int
     prefix_hit_tokens: int
     prefix_query_tokens: int
+    spec_drafted: int = 0  # speculative tokens proposed and verified since the engine started
+    spec_accepted: int = 0  # of those, accepted
+    spec_steps: int = 0  # verification passes
+    spec_emitted: int = 0  # tokens those passes emitted (accepted + one each)
 
 
 Sink = Callable[[RequestOutput], None]
@@ -147,10 +155,13 @@ class _Request:
         self.empty = False  # max_tokens == 0: finishes ("length") without running
         self.logprobs: Optional[int] = None  # top alternatives to report per token; None: no logprobs
         self.constraint = options.constraint() if options.constraint is not None else None
+        self.spec: Optional[Speculation] = None  # set by the engine when this request speculates
+        self.ngram: Optional[NgramIndex] = None
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 draft_model: Optional[Transformer] = None):
         c = model.config
         self.model = model
         self.tokenizer = tokenizer
@@ -180,6 +191,13 @@ class Engine:
             exact=config.exact_attention,
         )
         self.runner = Runner(model, self.cache)
+        spec = config.speculative
+        if spec.method == "draft" and draft_model is None:
+            raise InvalidParameterError("speculative method 'draft' needs a draft model")
+        self.draft: Optional[DraftProposer] = None
+        if draft_model is not None:
+            self.draft = DraftProposer(draft_model, c.n_vocab, num_blocks, config.block_size, config.kv_dtype)
+        self.spec_totals = [0, 0, 0, 0]  # drafted, accepted, verification steps, tokens emitted by them
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -222,6 +240,12 @@ class Engine:
         req = _Request(seq, options, sampler, self.tokenizer, sink)
         req.empty = max_tokens == 0
         req.logprobs = logprobs
+        spec = self.config.speculative
+        n_draft = spec.num_tokens if options.draft_num_predict is None else options.draft_num_predict
+        if spec.enabled and n_draft > 0 and req.constraint is None:
+            req.spec = Speculation(n_draft, spec.adaptive)
+            if spec.method == "ngram":
+                req.ngram = NgramIndex(spec.ngram_min, spec.ngram_max)
         if not req.empty:
             # Fail now, in the caller's thread, rather than in the step that would admit it.
             total = len(ids) + max_tokens
@@ -265,6 +289,8 @@ class Engine:
                 num_preemptions=self.num_preemptions, num_free_blocks=s.block_manager.num_free_blocks,
                 num_blocks=b.num_blocks, prefix_hit_tokens=b.prefix_hit_tokens,
                 prefix_query_tokens=b.prefix_query_tokens,
+                spec_drafted=self.spec_totals[0], spec_accepted=self.spec_totals[1],
+                spec_steps=self.spec_totals[2], spec_emitted=self.spec_totals[3],
             )
 
     # --- the step ----------------------------------------------------------------------------------------
@@ -278,6 +304,7 @@ class Engine:
             outputs += self._drain()
             if not self.scheduler.has_unfinished():
                 return outputs
+            self._propose()
             batch = self.scheduler.step()
             try:
                 outputs += self._run(batch)
@@ -286,6 +313,27 @@ class Engine:
                 if not isinstance(exc, Exception):
                     raise
         return outputs
+
+    def _propose(self) -> None:
+        """Set draft tokens on the running sequences that speculate and are about to decode."""
+        wants = []
+        for seq in self.scheduler.running:
+            req = self._requests.get(seq.seq_id)
+            if req is None or req.spec is None or seq.num_uncomputed_tokens != 1:
+                continue
+            # Drafts past max_tokens would be cut anyway: the last token always comes from verification.
+            k = min(req.spec.next_length(), seq.max_tokens - seq.num_output_tokens - 1)
+            if k < 1:
+                continue
+            if req.ngram is not None:
+                req.ngram.sync(seq.token_ids)
+                seq.draft_token_ids = req.ngram.propose(k)
+            else:
+                wants.append((seq, k))
+        if wants and self.draft is not None:
+            drafts = self.draft.propose(wants)
+            for seq, _ in wants:
+                seq.draft_token_ids = drafts.get(seq.seq_id, [])
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         self.num_steps += 1
@@ -296,35 +344,88 @@ class Engine:
                 req.cached_tokens = e.seq.num_cached_tokens
         entries = batch.sampling
         logits = self.runner.execute(batch)
-        tokens = self._sample(entries, logits) if entries else []
+        # Entry i's logits rows start at offsets[i]: one row, or 1 + len(draft) for a speculative decode.
+        offsets, row = [], 0
+        for e in entries:
+            offsets.append(row)
+            row += 1 + len(e.draft)
+        emitted: list[list[int]] = [[] for _ in entries]
+        plain = [i for i, e in enumerate(entries) if not e.draft]
+        if plain:
+            sampled = self._sample([entries[i] for i in plain], logits[[offsets[i] for i in plain]])
+            for i, t in zip(plain, sampled):
+                emitted[i] = [t]
+        for i, e in enumerate(entries):
+            if e.draft:
+                emitted[i] = self._verify(e, logits[offsets[i] : offsets[i] + 1 + len(e.draft)])
 
         stopped: set[int] = set()
-        deltas: dict[int, tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]] = {}
-        for row, (e, token) in enumerate(zip(entries, tokens)):
+        deltas: dict[int, list[tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]]] = {}
+        results: list[int | list[int]] = []
+        for i, e in enumerate(entries):
             req = self._requests[e.seq.seq_id]
-            if req.constraint is not None:
-                req.constraint.advance(token)
-            if token in self._eog:
-                stopped.add(req.seq.seq_id)
-                deltas[req.seq.seq_id] = (None, "", None)
-                continue
-            req.out_ids.append(token)
-            text, hit = req.stops.push(req.decoder.push(token))
-            if hit:
-                stopped.add(req.seq.seq_id)
-            deltas[req.seq.seq_id] = (token, text, self._logprobs(req, logits[row], token))
+            tokens = emitted[i][: max(1, e.seq.max_tokens - e.seq.num_output_tokens)]
+            out = deltas.setdefault(req.seq.seq_id, [])
+            kept = 0
+            for j, token in enumerate(tokens):
+                kept = j + 1
+                if req.constraint is not None:
+                    req.constraint.advance(token)
+                if token in self._eog:
+                    stopped.add(req.seq.seq_id)
+                    out.append((None, "", None))
+                    break
+                req.out_ids.append(token)
+                text, hit = req.stops.push(req.decoder.push(token))
+                out.append((token, text, self._logprobs(req, logits[offsets[i] + j], token)))
+                if hit:
+                    stopped.add(req.seq.seq_id)
+                    break
+            results.append(tokens[:kept] if e.draft else tokens[0])
 
-        finished = {s.seq_id for s in self.scheduler.update(batch, tokens, stopped)}
+        finished = {s.seq_id for s in self.scheduler.update(batch, results, stopped)}
+        if self.draft is not None:
+            for e in entries:
+                if e.seq.seq_id in finished:
+                    self.draft.release(e.seq.seq_id)
+                elif e.seq.seq_id in self._requests and self._requests[e.seq.seq_id].spec is not None:
+                    self.draft.rollback(e.seq.seq_id, e.seq.num_tokens - 1)
         outputs = []
-        for rid, (token, text, lp) in deltas.items():
+        for rid, items in deltas.items():
             req = self._requests[rid]
-            if rid in finished:
-                outputs.append(self._finish(req, req.seq.finish_reason.value, text, token, logprobs=lp))
-            else:
-                if text:
-                    req.text.append(text)
-                outputs.append(self._deliver(req, RequestOutput(rid, token, text, logprobs=lp)))
+            for n, (token, text, lp) in enumerate(items):
+                if rid in finished and n == len(items) - 1:
+                    outputs.append(self._finish(req, req.seq.finish_reason.value, text, token, logprobs=lp))
+                else:
+                    if text:
+                        req.text.append(text)
+                    outputs.append(self._deliver(req, RequestOutput(rid, token, text, logprobs=lp)))
         return outputs
+
+    def _verify(self, e: ScheduledSeq, rows: torch.Tensor) -> list[int]:
+        """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit (speculative.accept)."""
+        req = self._requests[e.seq.seq_id]
+        drafts = list(e.draft)
+        p = req.sampler.params
+        if p.greedy and not p.penalizes and not p.logit_bias:
+            probs = rows  # accept() compares argmaxes for greedy rows: the raw logits do
+        else:
+            k = len(drafts)
+            bp = BatchParams.from_params([p] * (k + 1), self.model.config.n_vocab)
+            window = None
+            if bp.any_penalty:  # row i's history holds the drafts before it
+                history = e.seq.token_ids
+                window = penalty_windows([history + drafts[:i] for i in range(k + 1)], bp.repeat_last_n)
+            probs = target_distribution(rows, bp, window)
+        tokens = accept(probs, drafts, None if p.greedy else req.sampler.generator)
+        assert req.spec is not None
+        req.spec.record(len(drafts), len(tokens) - 1)
+        totals = self.spec_totals
+        totals[0] += len(drafts)
+        totals[1] += len(tokens) - 1
+        totals[2] += 1
+        totals[3] += len(tokens)
+        return tokens
 
     @staticmethod
     def _logprobs(req: _Request, row: torch.Tensor, token: int) -> Optional[tuple[float, list[tuple[int, float]]]]:
@@ -391,6 +492,8 @@ class Engine:
         if text:
             req.text.append(text)
         self._requests.pop(req.seq.seq_id, None)
+        if self.draft is not None:
+            self.draft.release(req.seq.seq_id)
         seq = req.seq
         now = time.monotonic()
         arrival = seq.arrival_time
@@ -408,7 +511,11 @@ class Engine:
             generated_tokens=len(req.out_ids),
             num_preemptions=seq.num_preemptions,
         )
-        completion = Completion("".join(req.text), list(req.out_ids), reason, metrics.stats())
+        stats = metrics.stats()
+        if req.spec is not None:
+            stats.draft_tokens, stats.accepted_tokens = req.spec.drafted, req.spec.accepted
+            stats.spec_steps = req.spec.steps
+        completion = Completion("".join(req.text), list(req.out_ids), reason, stats)
         out = RequestOutput(seq.seq_id, token, text, True, reason, completion, metrics, error, logprobs)
         return self._deliver(req, out)
 

@@ -44,12 +44,18 @@ class GenerationOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Builds a fresh Constraint per request (options may be shared by many requests; a constraint has state).
     constraint: Optional[Callable[[], Constraint]] = None
+    # Most tokens to draft per step when the engine speculates (Ollama's draft_num_predict); 0: never for
+    # this request; None: the engine's setting.
+    draft_num_predict: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
             raise InvalidParameterError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidParameterError("stop strings must be non-empty strings")
+        n = self.draft_num_predict
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64):
+            raise InvalidParameterError(f"draft_num_predict must be an integer in 0..64, got {n!r}")
 
 
 @dataclass
@@ -60,6 +66,13 @@ class Stats:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     load_seconds: float = 0.0
+    draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    accepted_tokens: int = 0  # of those, accepted
+    spec_steps: int = 0  # verification passes (each emits accepted + 1 tokens)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prompt_rate(self) -> float:

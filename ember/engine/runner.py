@@ -3,7 +3,14 @@
 The scheduler decides what runs; the runner turns that into tensors. Every scheduled entry contributes its
 tokens at positions [start, start + num_tokens) to one flat run of tokens (prefill chunks and decode tokens
 mixed, in schedule order); the paged cache is told where each token's K/V goes and what it may attend to; and
-the vocabulary projection is computed only for the last token of each entry that samples.
+the vocabulary projection is computed only for the last token of each entry that samples - or, for a
+speculative decode (last token + k drafts), for all k+1 of its tokens, in position order.
+
+A speculative entry goes to the cache as k+1 single-token entries at consecutive positions: each row then takes
+the decode attention path with its own key length, exactly the computation a plain decode of that position
+does (the K/V of the whole pass are written before any row reads, so row i sees rows < i). That keeps greedy
+speculative output identical to plain decoding, which a causal-masked multi-token chunk would not guarantee
+bit for bit.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ class Runner:
         self.cache = cache
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run `batch`; returns float32 logits [len(batch.sampling), vocab], rows in batch.sampling order.
+        """Run `batch`; returns float32 logits, one row per sampling entry in batch.sampling order (1 + len(draft)
+        consecutive rows for a speculative entry).
 
         Reads token ids and block tables from the sequences as they are now, so it must run between the
         scheduler's step() and update() (which is when they describe exactly this batch)."""
@@ -34,6 +42,14 @@ class Runner:
         entries = []
         for e in batch.scheduled:
             end = e.start + e.num_tokens
+            if e.draft:
+                row0 = len(tokens)
+                tokens.append(e.seq.token_ids[e.start])
+                tokens.extend(e.draft)
+                positions.extend(range(e.start, end))
+                entries.extend((e.seq.block_table, p, 1) for p in range(e.start, end))
+                rows.extend(range(row0, len(tokens)))
+                continue
             tokens.extend(e.seq.token_ids[e.start : end])
             positions.extend(range(e.start, end))
             entries.append((e.seq.block_table, e.start, e.num_tokens))

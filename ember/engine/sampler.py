@@ -56,6 +56,7 @@ __all__ = [
     "penalty_windows",
     "sample_batch",
     "sample_from_probs",
+    "target_distribution",
     "top_k_candidates",
     "top_logprobs",
 ]
@@ -389,10 +390,11 @@ def _nucleus_head(logits: torch.Tensor, params: BatchParams) -> tuple[torch.Tens
     return candidates, ids, log_norm
 
 
-def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None,
-                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """The whole chain for B rows: logits [B, V], window_ids [B, W] (see penalty_windows; None: no
-    penalties), one generator per row (None allowed for greedy rows). Returns [B] int64 token ids."""
+def _survivors(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Stages 1-7 for B rows: (probabilities over the survivors [B, N] in vocabulary order, their ids [B, N] or
+    None when N is the whole vocabulary, argmax [B] of the penalized logits or None when no row is greedy).
+    Greedy rows' probabilities are meaningless (they take the argmax); with params.all_greedy probs is None."""
     logits = logits.float()
     if params.any_bias:
         logits = apply_logit_bias(logits, params.bias_ids, params.bias_values)
@@ -401,8 +403,7 @@ def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Te
                                             params.presence_penalty, params.frequency_penalty)
     argmax = greedy(logits) if params.any_greedy else None
     if params.all_greedy:
-        assert argmax is not None
-        return argmax
+        return None, None, argmax  # type: ignore[return-value]
 
     V = logits.shape[-1]
     ids: torch.Tensor | None
@@ -430,11 +431,40 @@ def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Te
         else:
             order = ids.argsort(dim=-1)
             probs, ids = probs.gather(1, order), ids.gather(1, order)
+    return probs, ids, argmax
+
+
+def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None,
+                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The whole chain for B rows: logits [B, V], window_ids [B, W] (see penalty_windows; None: no
+    penalties), one generator per row (None allowed for greedy rows). Returns [B] int64 token ids."""
+    probs, ids, argmax = _survivors(logits, params, window_ids)
+    if probs is None:
+        assert argmax is not None
+        return argmax
     positions = sample_from_probs(probs, generators)
     tokens = positions if ids is None else ids.gather(1, positions[:, None]).squeeze(1)
     if argmax is not None:
         tokens = torch.where(params.greedy_rows, argmax, tokens)
     return tokens
+
+
+def target_distribution(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
+    """The distribution the chain draws from, as dense [B, V] float32 probabilities: a point mass on the
+    argmax for greedy rows. Speculative decoding's acceptance test compares draft tokens against it."""
+    probs, ids, argmax = _survivors(logits, params, window_ids)
+    B, V = logits.shape
+    if probs is None:
+        dense = torch.zeros((B, V), dtype=torch.float32)
+    elif ids is None:
+        dense = probs.float().clone()
+    else:
+        dense = torch.zeros((B, V), dtype=torch.float32).scatter_(1, ids, probs.float())
+    if argmax is not None:
+        rows = params.greedy_rows.nonzero().flatten()
+        dense[rows] = 0.0
+        dense[rows, argmax[rows]] = 1.0
+    return dense
 
 
 class Sampler:

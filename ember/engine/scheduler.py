@@ -64,7 +64,9 @@ class ScheduledSeq:
 
     samples: this chunk reaches the sequence's last token, so the runner samples from its last logits.
     is_prefill: more than the single last token (a prompt or recompute chunk) rather than a decode.
-    Both are fixed when planned; the sequence itself changes once update() appends a token.
+    draft: speculative tokens fed after the last token (a decode only): num_tokens == 1 + len(draft), and
+    the runner returns logits for every one of those positions.
+    All are fixed when planned; the sequence itself changes once update() appends tokens.
     """
 
     seq: Sequence
@@ -72,6 +74,7 @@ class ScheduledSeq:
     start: int
     samples: bool
     is_prefill: bool
+    draft: tuple[int, ...] = ()
 
 
 @dataclass
@@ -195,15 +198,16 @@ class Scheduler:
         scheduled: set[int] = set()
         now = self.clock()
 
-        def schedule(seq: Sequence, n: int, match: Optional[PrefixMatch] = None) -> None:
+        def schedule(seq: Sequence, n: int, match: Optional[PrefixMatch] = None, draft: tuple[int, ...] = ()) -> None:
             nonlocal budget
             start = match.num_computed_tokens if match is not None else seq.num_computed_tokens
-            batch.copies.extend(bm.allocate(seq, n, match))
+            batch.copies.extend(bm.allocate(seq, n + len(draft), match))
             batch.scheduled.append(
-                ScheduledSeq(seq, n, start, samples=start + n == seq.num_tokens, is_prefill=start < seq.num_tokens - 1)
+                ScheduledSeq(seq, n + len(draft), start, samples=start + n == seq.num_tokens,
+                             is_prefill=start < seq.num_tokens - 1, draft=draft)
             )
             scheduled.add(seq.seq_id)
-            budget -= n
+            budget -= n + len(draft)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
 
@@ -221,14 +225,21 @@ class Scheduler:
             return False
 
         # 1. Decodes. The running list is sorted by arrival and budget >= max_num_seqs, so all fit.
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+        # Speculative drafts ride along only with budget and blocks to spare: they never cost another stream
+        # its decode (each later decode keeps one token of budget) nor a preemption.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        for i, seq in enumerate(decodes):
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
             while not bm.can_append_slot(seq):
                 if not preempt_victim(seq, allow_self=True) or seq.status is not SequenceStatus.RUNNING:
                     break
             if seq.status is SequenceStatus.RUNNING and bm.can_append_slot(seq):
-                schedule(seq, 1)
+                room = budget - 1 - (len(decodes) - 1 - i)
+                room = min(room, len(seq.draft_token_ids), bm.max_allocatable(seq, 1 + room) - 1)
+                if cfg.max_model_len is not None:  # drafts never write past the context
+                    room = min(room, cfg.max_model_len - seq.num_tokens)
+                schedule(seq, 1, draft=tuple(seq.draft_token_ids[:max(0, room)]))
 
         # 2. Continue running prefills (chunked), oldest first.
         for seq in list(self.running):
@@ -277,14 +288,17 @@ class Scheduler:
     def update(
         self,
         batch: ScheduledBatch,
-        sampled_token_ids: SequenceT[int],
+        sampled_token_ids: SequenceT[int | SequenceT[int]],
         stopped_seq_ids: Collection[int] = (),
     ) -> list[Sequence]:
         """Record a finished step: advance computed tokens, append sampled tokens, finish sequences.
 
         sampled_token_ids holds one token per entry of batch.sampling, in that order (aborted entries included;
-        their token is dropped). stopped_seq_ids names sequences whose just-sampled token ended them (EOS or a
-        stop sequence, which the caller detects). Returns the sequences that finished in this update.
+        their token is dropped); for an entry with a draft it is the list of tokens verification emitted (the
+        accepted drafts then one more; 1 to len(draft) + 1 tokens): the KV of the accepted ones is kept and the
+        blocks holding only rejected positions go back to the pool. stopped_seq_ids names sequences whose last
+        emitted token ended them (EOS or a stop sequence, which the caller detects). Returns the sequences that
+        finished in this update.
         """
         if batch is not self._in_flight:
             raise RuntimeError("update() with a batch that is not the one in flight")
@@ -302,7 +316,19 @@ class Scheduler:
             token = next(tokens) if entry.samples else None
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed_tokens += entry.num_tokens
+            seq.draft_token_ids = []
+            if isinstance(token, (list, tuple)):
+                emitted = list(token)
+                if not 1 <= len(emitted) <= len(entry.draft) + 1 or emitted[:-1] != list(entry.draft[:len(emitted) - 1]):
+                    raise ValueError(f"sequence {seq.seq_id}: emitted tokens do not extend its draft")
+                # The last token fed plus the accepted drafts have valid KV; the rest of the pass is discarded.
+                seq.num_computed_tokens += len(emitted)
+                for t in emitted[:-1]:
+                    seq.append_token(t)
+                token = emitted[-1]
+                bm.trim(seq)
+            else:
+                seq.num_computed_tokens += entry.num_tokens
             bm.commit(seq)
             if token is not None:
                 seq.append_token(token)

@@ -77,6 +77,10 @@ class Sequence:
         # Chain hashes of this sequence's FULL blocks of token ids, filled lazily by the block manager.
         # Derived only from token ids, so still valid after preemption.
         self.block_hashes: list[bytes] = []
+        # Speculative decoding: tokens proposed for the next decode step (set by the engine before the
+        # scheduler plans it, cleared by update()). They are NOT part of token_ids: only what verification
+        # accepts is appended, so token_ids stays append-only and block hashes stay valid.
+        self.draft_token_ids: list[int] = []
 
         # Timing (scheduler clock). queued: added to the scheduler; first_scheduled: first step it ran in;
         # first_token: its first output token was appended; finished: it left the scheduler.

@@ -1,0 +1,130 @@
+"""Draft-model proposer: a smaller model with the same vocabulary drafts tokens for the main model to verify.
+
+The draft model has its own paged KV cache and its own block manager (no prefix caching) inside the same
+engine; each main sequence that speculates owns a `_DraftState` there. A proposal round for a batch of
+sequences runs k passes of the draft model:
+  pass 1 feeds every token the draft has not seen yet (the whole prompt on the first round, usually just the
+         last token or two afterwards) and drafts d1 greedily from its last row;
+  pass j feeds d_{j-1} and drafts d_j.
+Drafting greedily makes the proposal deterministic (a point mass), which ember.engine.speculative.accept's
+rejection rule assumes. After the main model verifies, `rollback` keeps the draft's KV only for positions
+whose tokens were accepted.
+"""
+from __future__ import annotations
+
+from typing import Sequence as SequenceT
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.paged_cache import PagedKVCache
+from ember.engine.runner import Runner
+from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
+from ember.engine.sequence import Sequence
+from ember.errors import InvalidParameterError
+from ember.model.transformer import Transformer
+
+CATCH_UP_CHUNK = 512  # most tokens one catch-up pass feeds per sequence (bounds activations, as prefill chunks)
+
+
+class _DraftState:
+    """What the draft's block manager and runner read of a sequence (duck-typed like Sequence)."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.token_ids: list[int] = []
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_hashes: list[bytes] = []
+
+
+class DraftProposer:
+    def __init__(self, model: Transformer, main_vocab: int, num_blocks: int, block_size: int,
+                 kv_dtype: str = "float16") -> None:
+        c = model.config
+        if c.n_vocab != main_vocab:
+            raise InvalidParameterError(
+                f"the draft model's vocabulary ({c.n_vocab} tokens) differs from the main model's ({main_vocab})")
+        self.model = model
+        self.cache = PagedKVCache(c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, num_blocks, block_size, kv_dtype)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.runner = Runner(model, self.cache)
+        self.max_positions = c.n_ctx_train
+        self._states: dict[int, _DraftState] = {}
+
+    def propose(self, wants: SequenceT[tuple[Sequence, int]]) -> dict[int, list[int]]:
+        """Greedy drafts of up to k tokens for each (sequence, k). A sequence the draft pool or context cannot
+        hold gets no draft (and its state is dropped) rather than failing the step."""
+        states: dict[int, tuple[_DraftState, int]] = {}
+        for seq, k in wants:
+            if k < 1 or seq.num_tokens + k > self.max_positions:
+                continue
+            st = self._states.get(seq.seq_id)
+            if st is None:
+                st = self._states[seq.seq_id] = _DraftState(seq.seq_id)
+            st.token_ids = list(seq.token_ids)
+            st.num_computed_tokens = min(st.num_computed_tokens, seq.num_tokens - 1)
+            self.blocks.trim(st)  # type: ignore[arg-type]
+            states[seq.seq_id] = (st, k)
+        drafts: dict[int, list[int]] = {sid: [] for sid in states}
+        # Catch up: feed what the draft has not seen, in chunks; the chunk reaching the last token samples d1.
+        while True:
+            batch = ScheduledBatch()
+            for sid, (st, k) in list(states.items()):
+                todo = len(st.token_ids) - st.num_computed_tokens
+                if drafts[sid] or todo < 1:
+                    continue
+                n = min(todo, CATCH_UP_CHUNK)
+                if not self._allocate(st, n):
+                    del states[sid], drafts[sid]
+                    continue
+                batch.scheduled.append(ScheduledSeq(st, n, st.num_computed_tokens,  # type: ignore[arg-type]
+                                                    samples=n == todo, is_prefill=n > 1))
+            if batch.is_empty:
+                break
+            self._run(batch, drafts)
+        # Then one token per pass until every sequence has its k drafts.
+        while True:
+            batch = ScheduledBatch()
+            for sid, (st, k) in list(states.items()):
+                if len(drafts[sid]) >= k:
+                    continue
+                if not self._allocate(st, 1):
+                    del states[sid]  # keep the drafts it has
+                    continue
+                batch.scheduled.append(ScheduledSeq(st, 1, st.num_computed_tokens,  # type: ignore[arg-type]
+                                                    samples=True, is_prefill=False))
+            if batch.is_empty:
+                break
+            self._run(batch, drafts)
+        return {sid: d for sid, d in drafts.items() if d}
+
+    def _allocate(self, st: _DraftState, n: int) -> bool:
+        if not self.blocks.can_allocate(st, n):  # type: ignore[arg-type]
+            self.release(st.seq_id)
+            return False
+        self.blocks.allocate(st, n)  # type: ignore[arg-type]
+        return True
+
+    def _run(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
+        logits = self.runner.execute(batch)
+        row = 0
+        for e in batch.scheduled:
+            st = e.seq
+            st.num_computed_tokens += e.num_tokens
+            if e.samples:
+                token = int(logits[row].argmax())
+                row += 1
+                drafts[st.seq_id].append(token)
+                st.token_ids.append(token)
+
+    def rollback(self, seq_id: int, valid: int) -> None:
+        """The main sequence's tokens at positions < valid are final: keep the draft KV only up to there."""
+        st = self._states.get(seq_id)
+        if st is not None and st.num_computed_tokens > valid:
+            st.num_computed_tokens = valid
+            self.blocks.trim(st)  # type: ignore[arg-type]
+
+    def release(self, seq_id: int) -> None:
+        st = self._states.pop(seq_id, None)
+        if st is not None:
+            self.blocks.free(st)  # type: ignore[arg-type]

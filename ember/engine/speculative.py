@@ -1,0 +1,192 @@
+"""Speculative decoding: propose k tokens cheaply, verify them with one forward pass of the main model.
+
+A speculating sequence's decode step feeds [last token, d1..dk] at positions [n-1, n+k-1] and gets k+1 logits
+rows; row i is the main model's distribution for the token after d1..di. `accept` walks the rows: greedy rows
+accept d_{i+1} while it equals the argmax and then emit the argmax (so the output is exactly what plain greedy
+decoding gives); sampling rows apply the rejection rule of Leviathan et al. 2023 / Chen et al. 2023 - accept d
+with probability min(1, p(d)/q(d)), on rejection draw from the normalized residual max(0, p - q) - which makes
+every emitted token follow the main model's distribution p whatever the proposer did. Both proposers here
+propose deterministically (prompt lookup copies text; the draft model drafts greedily), i.e. q is a point mass
+on d: acceptance is then p(d) and the residual is p with d removed. If all k drafts are accepted, row k gives
+one bonus token, so a step emits between 1 and k+1 tokens.
+
+`Speculation` holds the per-request policy: how many tokens to draft next (adaptive from the recent acceptance
+rate) and when to stop speculating because it does not pay (see `next_length`).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional, Sequence as SequenceT
+
+import torch
+
+from ember.errors import InvalidParameterError
+
+METHODS = ("none", "ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How an engine speculates. method "ngram": prompt lookup; "draft": a draft model (the engine must have
+    one); "none": never. num_tokens: most tokens drafted per step (Ollama's draft_num_predict)."""
+
+    method: str = "none"
+    num_tokens: int = 8
+    ngram_max: int = 4  # longest suffix n-gram prompt lookup tries to match (it tries shorter ones after)
+    ngram_min: int = 2
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidParameterError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or not 0 <= self.num_tokens <= 64:
+            raise InvalidParameterError(f"draft_num_predict must be an integer in 0..64, got {self.num_tokens!r}")
+        if not (isinstance(self.ngram_min, int) and isinstance(self.ngram_max, int)
+                and 1 <= self.ngram_min <= self.ngram_max <= 16):
+            raise InvalidParameterError("ngram sizes must satisfy 1 <= ngram_min <= ngram_max <= 16")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" and self.num_tokens > 0
+
+
+class NgramIndex:
+    """Prompt lookup (Saxena 2023, llama.cpp's lookup decoding): find the latest earlier occurrence of the
+    text's last n tokens and propose the tokens that followed it.
+
+    Keeps, per n, a map from every n-gram of the history to the end of its latest occurrence, updated
+    incrementally as tokens are appended, so a proposal costs O(ngram_max) dict lookups, not a scan."""
+
+    def __init__(self, ngram_min: int, ngram_max: int) -> None:
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self._tokens: list[int] = []
+        # n -> n-gram -> end index (exclusive) of its latest occurrence that is NOT the current suffix.
+        self._latest: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(ngram_min, ngram_max + 1)}
+        self._pending: dict[int, Optional[tuple[tuple[int, ...], int]]] = {}
+
+    def extend(self, tokens: SequenceT[int]) -> None:
+        for t in tokens:
+            self._tokens.append(int(t))
+            end = len(self._tokens)
+            for n, table in self._latest.items():
+                # The previous suffix n-gram becomes an "earlier occurrence" once a token follows it.
+                prev = self._pending.get(n)
+                if prev is not None:
+                    table[prev[0]] = prev[1]
+                self._pending[n] = (tuple(self._tokens[end - n:]), end) if end >= n else None
+
+    def sync(self, tokens: SequenceT[int]) -> None:
+        """Catch up with a sequence's token list (which only grows)."""
+        if len(tokens) > len(self._tokens):
+            self.extend(tokens[len(self._tokens):])
+
+    def propose(self, k: int) -> list[int]:
+        toks = self._tokens
+        for n in range(self.ngram_max, self.ngram_min - 1, -1):
+            if len(toks) < n:
+                continue
+            end = self._latest[n].get(tuple(toks[len(toks) - n:]))
+            if end is not None:
+                return toks[end:end + k]
+        return []
+
+
+class Speculation:
+    """One request's speculation policy and counters.
+
+    Draft length adapts to the acceptance of the last few steps: a step whose drafts were all accepted grows
+    it by 2 (up to the maximum), one with low acceptance shrinks it to what was accepted plus one. After
+    `patience` consecutive steps that accepted nothing the request stops speculating for a cool-down period
+    that doubles each time (a verification pass of k+1 tokens costs more than a plain decode step), then
+    tries again."""
+
+    def __init__(self, max_tokens: int, adaptive: bool = True, patience: int = 4) -> None:
+        self.max_tokens = max_tokens
+        self.adaptive = adaptive
+        self.patience = patience
+        self.length = min(max_tokens, 4) if adaptive else max_tokens
+        self.drafted = 0
+        self.accepted = 0
+        self.steps = 0  # verification steps
+        self.emitted = 0  # tokens emitted by verification steps
+        self._misses = 0
+        self._pause = 0
+        self._cooldown = 8
+        self.recent: deque[float] = deque(maxlen=8)
+
+    def next_length(self) -> int:
+        """Tokens to draft for the next step (0: decode plainly this step)."""
+        if self._pause > 0:
+            self._pause -= 1
+            return 0
+        return self.length
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
+        self.emitted += accepted + 1
+        self.recent.append(accepted / drafted)
+        if not self.adaptive:
+            return
+        if accepted == drafted:
+            self.length = min(self.max_tokens, self.length + 2)
+        elif accepted < drafted // 2:
+            self.length = max(1, accepted + 1)
+        if accepted == 0:
+            self._misses += 1
+            if self._misses >= self.patience:
+                self._pause, self._cooldown, self._misses = self._cooldown, min(self._cooldown * 2, 256), 0
+        else:
+            self._misses = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def accept(probs: torch.Tensor, drafts: SequenceT[int], generator: Optional[torch.Generator]) -> list[int]:
+    """Tokens to emit after verifying `drafts` (k ids) against the main model's distributions `probs` [k+1, V]
+    (row i: after the i first drafts; see sampler.target_distribution). generator None: greedy rows (point
+    masses), compared without drawing. Deterministic drafts (q a point mass) are assumed.
+
+    Returns the accepted drafts followed by one more token (the correction, or the bonus token after all k
+    were accepted): 1 to k+1 tokens. Exactly one uniform is drawn per examined draft and one per
+    correction/bonus draw, from the request's own generator."""
+    k = len(drafts)
+    if probs.shape[0] != k + 1:
+        raise ValueError(f"{k} drafts need {k + 1} rows of probabilities, got {probs.shape[0]}")
+    out: list[int] = []
+    for i, d in enumerate(drafts):
+        row = probs[i]
+        if generator is None:
+            if int(row.argmax()) == d:
+                out.append(d)
+                continue
+            out.append(int(row.argmax()))
+            return out
+        p = float(row[d])
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        if u < p:  # min(1, p/q) with q(d) = 1
+            out.append(d)
+            continue
+        residual = row.clone()
+        residual[d] = 0.0  # max(0, p - q): q is 1 on d, 0 elsewhere
+        out.append(_draw(residual, generator))
+        return out
+    last = probs[k]
+    out.append(int(last.argmax()) if generator is None else _draw(last, generator))
+    return out
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from unnormalized non-negative weights [V] by inverse CDF in float64."""
+    cdf = weights.to(torch.float64).cumsum(0)
+    total = float(cdf[-1])
+    if total <= 0.0:  # p was a point mass on the rejected draft: cannot happen for a rejected u < p test
+        return int(weights.argmax())
+    u = torch.rand((), generator=generator, dtype=torch.float64).item() * total
+    return min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), weights.shape[0] - 1)

@@ -1,0 +1,322 @@
+"""Speculative decoding: proposers, the acceptance rule, rollback in the scheduler, and exactness in the engine.
+
+Exactness is the whole contract: greedy output with speculation must be token-identical to plain decoding,
+and sampled output must follow the main model's distribution (checked with chi-square tests, both on the
+acceptance rule alone and end to end through the engine with a tiny model).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+import ember
+from ember.engine.block_manager import BlockManager
+from ember.engine.engine import Engine, EngineConfig
+from ember.engine.generator import GenerationOptions
+from ember.engine.sampler import BatchParams, SamplingParams, target_distribution
+from ember.engine.scheduler import Scheduler, SchedulerConfig
+from ember.engine.sequence import Sequence
+from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.errors import InvalidParameterError
+from tiny_models import write_tiny_model
+
+
+def chi2_critical(df: int, alpha: float = 1e-3) -> float:
+    """Upper alpha quantile of chi-square (Wilson-Hilferty; z for alpha = 1e-3 is 3.0902)."""
+    z = {1e-3: 3.0902, 1e-2: 2.3263}[alpha]
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2_stat(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic with bins of expected count < 5 merged into one; returns (statistic, dof)."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = list(counts[big]) + [counts[~big].sum()]
+    exp = list(expected[big]) + [expected[~big].sum()]
+    if exp[-1] < 5:  # fold the small tail into the last big bin
+        obs[-2] += obs.pop()
+        exp[-2] += exp.pop()
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return stat, len(obs) - 1
+
+
+# --- proposers and policy -------------------------------------------------------------------------------
+
+def test_ngram_index_finds_latest_earlier_occurrence():
+    idx = NgramIndex(1, 3)
+    idx.extend([5, 6, 7, 8, 5, 6, 9, 4, 5, 6])
+    # Suffix (5, 6): latest earlier occurrence ends at index 6, followed by 9, 4, 5, 6.
+    assert idx.propose(3) == [9, 4, 5]
+    assert idx.propose(10) == [9, 4, 5, 6]
+    idx.extend([1])  # suffix (6, 1), (1,): never seen before
+    assert idx.propose(3) == []
+    # Incremental extension equals building at once.
+    tokens = list(np.random.default_rng(0).integers(0, 6, 300))
+    a, b = NgramIndex(2, 4), NgramIndex(2, 4)
+    a.extend(tokens)
+    for t in tokens:
+        b.extend([t])
+        assert b.propose(4) == _brute_force(tokens[: len(b._tokens)], 2, 4, 4)
+    assert a.propose(4) == b.propose(4)
+
+
+def _brute_force(tokens, nmin, nmax, k):
+    for n in range(nmax, nmin - 1, -1):
+        if len(tokens) < n:
+            continue
+        suffix = tokens[-n:]
+        for end in range(len(tokens) - 1, n - 1, -1):
+            if tokens[end - n : end] == suffix:
+                return [int(t) for t in tokens[end : end + k]]
+    return []
+
+
+def test_speculation_adapts_and_backs_off():
+    s = Speculation(8)
+    assert s.next_length() == 4
+    s.record(4, 4)
+    assert s.length == 6
+    s.record(6, 1)
+    assert s.length == 2
+    for _ in range(4):
+        s.record(2, 0)
+    assert [s.next_length() for _ in range(8)] == [0] * 8  # paused after four misses in a row
+    assert s.next_length() == 1
+    assert s.drafted == 18 and s.accepted == 5 and s.steps == 6
+
+
+def test_config_validation():
+    with pytest.raises(InvalidParameterError):
+        SpeculativeConfig(method="lookahead")
+    with pytest.raises(InvalidParameterError):
+        SpeculativeConfig(method="ngram", num_tokens=-1)
+    with pytest.raises(InvalidParameterError):
+        GenerationOptions(draft_num_predict=100)
+    assert not SpeculativeConfig(method="ngram", num_tokens=0).enabled
+
+
+# --- the acceptance rule --------------------------------------------------------------------------------
+
+def test_accept_greedy_takes_the_longest_matching_prefix():
+    probs = torch.zeros(4, 10)
+    for i, t in enumerate([3, 4, 5, 6]):
+        probs[i, t] = 1.0
+    assert accept(probs, [3, 4, 5], None) == [3, 4, 5, 6]  # all accepted + bonus
+    assert accept(probs, [3, 9, 5], None) == [3, 4]  # correction at the first mismatch
+    assert accept(probs, [7, 4, 5], None) == [3]
+
+
+def test_accept_rejection_sampling_follows_the_target_distribution():
+    """Chen et al.'s guarantee for a point-mass proposal: the first emitted token ~ p(row 0) and, when the
+    draft was accepted, the second ~ p(row 1) - whatever the draft is."""
+    rng = np.random.default_rng(1)
+    p0 = torch.tensor(rng.dirichlet(np.ones(8)), dtype=torch.float32)
+    p1 = torch.tensor(rng.dirichlet(np.ones(8)), dtype=torch.float32)
+    probs = torch.stack([p0, p1])
+    draft = int(p0.argsort()[4])  # a middling draft: accepted about p0[draft] of the time
+    g = torch.Generator().manual_seed(7)
+    first, second = np.zeros(8), np.zeros(8)
+    for _ in range(20000):
+        out = accept(probs, [draft], g)
+        first[out[0]] += 1
+        if len(out) == 2:
+            second[out[1]] += 1
+    for counts, p in ((first, p0), (second, p1)):
+        stat, dof = chi2_stat(counts, p.double().numpy() / float(p.sum()))
+        assert stat < chi2_critical(dof), (stat, dof)
+    assert abs(second.sum() / 20000 - float(p0[draft])) < 0.02
+
+
+# --- scheduler rollback (no model, no torch in the scheduler) ---------------------------------------------
+
+def test_scheduler_verifies_drafts_and_gives_back_rejected_blocks():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_num_batched_tokens=64))
+    seq = Sequence(0, list(range(1, 7)), max_tokens=20)  # 6 prompt tokens
+    sched.add(seq)
+    batch = sched.step()
+    sched.update(batch, [50])  # 7 tokens, 6 computed
+    bm = sched.block_manager
+    seq.draft_token_ids = [51, 52, 53, 54, 55, 56]
+    batch = sched.step()
+    (entry,) = batch.scheduled
+    assert entry.num_tokens == 7 and entry.draft == (51, 52, 53, 54, 55, 56)
+    assert len(seq.block_table) == 4  # positions 6..12 need blocks up to index 3
+    used = bm.stats().num_used
+    sched.update(batch, [[51, 52, 60]])  # two accepted, then a correction
+    assert seq.token_ids[6:] == [50, 51, 52, 60]
+    assert seq.num_computed_tokens == 9 and seq.num_tokens == 10
+    assert seq.draft_token_ids == []
+    assert len(seq.block_table) == 3 and bm.stats().num_used == used - 1  # the rejected tail's block is back
+    with pytest.raises(ValueError):
+        seq.draft_token_ids = [1, 2]
+        b = sched.step()
+        sched.update(b, [[7, 8]])  # 7 is not the draft
+
+
+def test_drafts_never_take_a_neighbours_decode_budget_or_blocks():
+    sched = Scheduler(SchedulerConfig(num_blocks=5, block_size=4, max_num_seqs=2, max_num_batched_tokens=4))
+    a, b = Sequence(0, [1, 2], max_tokens=12), Sequence(1, [4, 5], max_tokens=12)
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.step(), [7, 8])
+    a.draft_token_ids = [9, 9, 9, 9, 9]
+    batch = sched.step()
+    sizes = {e.seq.seq_id: e.num_tokens for e in batch.scheduled}
+    assert sizes[1] == 1 and sizes[0] == 3  # budget 4: b keeps its decode, a drafts 2
+    assert not batch.preempted
+
+
+def test_trim_leaves_shared_prefix_blocks_alone():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = Sequence(0, list(range(1, 10)), max_tokens=8)
+    bm.allocate(parent, 9)
+    parent.num_computed_tokens = 9
+    child = Sequence(1, list(range(1, 10)), max_tokens=8)
+    bm.fork(parent, child)
+    bm.allocate(child, 4)  # speculative pass: positions 9..12
+    child.num_computed_tokens = 10  # one accepted
+    bm.trim(child)
+    assert child.block_table[:2] == parent.block_table[:2]
+    assert all(bm.ref_count(b) == 2 for b in parent.block_table[:2])
+    assert len(child.block_table) == 3
+
+
+# --- the engine: greedy identity, distribution -----------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request, tmp_path_factory):
+    arch = request.param
+    path = tmp_path_factory.mktemp(arch) / "tiny.gguf"
+    write_tiny_model(path, arch=arch, qtype=T.Q4_0, n_layer=6 if arch == "gemma3" else 2, window=4, seed=3)
+    return ember.load(path, n_ctx=256, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory):
+    """A different random model with the same vocabulary: a draft that is mostly wrong."""
+    path = tmp_path_factory.mktemp("draft") / "draft.gguf"
+    write_tiny_model(path, arch="llama", qtype=T.Q8_0, n_layer=1, seed=9)
+    return ember.load(path, n_ctx=256, threads=1)
+
+
+def repetitive_prompts(m, lengths, seed=0):
+    """Prompts that repeat a phrase, so prompt lookup has something to copy."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        phrase = [int(t) for t in rng.integers(3, m.config.n_vocab, 7)]
+        out.append(([1] + phrase * (n // 7 + 1))[:n])
+    return out
+
+
+def run_all(engine, prompts, options):
+    rids = [engine.add_request(p, o) for p, o in zip(prompts, options)]
+    final = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[r].completion for r in rids]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft-self", "draft-other"])
+def test_greedy_output_is_identical_to_plain_decoding(tiny, tiny_draft, method):
+    m = tiny
+    prompts = repetitive_prompts(m, [9, 23, 40, 17], seed=5)
+    penalized = SamplingParams(temperature=0)  # default repeat penalty: verification goes through the chain
+    plain = SamplingParams(temperature=0, repeat_penalty=1.0)
+    options = [GenerationOptions(max_tokens=40, sampling=p) for p in (penalized, plain, penalized, plain)]
+    options[3] = GenerationOptions(max_tokens=40, sampling=plain, draft_num_predict=0)  # does not speculate
+    cfg = EngineConfig(block_size=4, num_blocks=256)
+    base = run_all(Engine(m.model, m.tokenizer, cfg), prompts, options)
+    if method == "ngram":
+        spec = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=256,
+                                                         speculative=SpeculativeConfig("ngram", 6, ngram_min=1)))
+    else:
+        draft = m.model if method == "draft-self" else tiny_draft.model
+        spec = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=256,
+                                                         speculative=SpeculativeConfig("draft", 5)),
+                      draft_model=draft)
+    got = run_all(spec, prompts, options)
+    for b, g in zip(base, got):
+        assert g.ids == b.ids
+        assert g.text == b.text and g.finish_reason == b.finish_reason
+    st = spec.stats()
+    assert st.spec_steps > 0 and st.spec_drafted > 0
+    if method == "draft-self":  # the model drafting for itself is right nearly always
+        assert st.spec_accepted / st.spec_drafted > 0.8
+    assert got[3].stats.draft_tokens == 0
+    # Every block went back: nothing leaked by rollback or by the draft's own pool.
+    assert spec.scheduler.block_manager.stats().num_used == 0
+    if spec.draft is not None:
+        assert spec.draft.blocks.stats().num_used == 0
+
+
+def test_speculation_respects_max_tokens_and_stop_strings(tiny):
+    m = tiny
+    prompt = repetitive_prompts(m, [30], seed=8)[0]
+    plain = SamplingParams(temperature=0, repeat_penalty=1.0)
+    cfg = EngineConfig(block_size=4, num_blocks=128)
+    spec_cfg = EngineConfig(block_size=4, num_blocks=128, speculative=SpeculativeConfig("draft", 8, adaptive=False))
+    for n in (1, 2, 5, 13):
+        opts = GenerationOptions(max_tokens=n, sampling=plain)
+        (a,) = run_all(Engine(m.model, m.tokenizer, cfg), [prompt], [opts])
+        (b,) = run_all(Engine(m.model, m.tokenizer, spec_cfg, draft_model=m.model), [prompt], [opts])
+        assert b.ids == a.ids and len(b.ids) == n
+    full = run_all(Engine(m.model, m.tokenizer, cfg), [prompt], [GenerationOptions(max_tokens=20, sampling=plain)])
+    stop = full[0].text[len(full[0].text) // 2:][:3]
+    if stop.strip():
+        opts = GenerationOptions(max_tokens=20, sampling=plain, stop=(stop,))
+        (a,) = run_all(Engine(m.model, m.tokenizer, cfg), [prompt], [opts])
+        (b,) = run_all(Engine(m.model, m.tokenizer, spec_cfg, draft_model=m.model), [prompt], [opts])
+        assert (b.text, b.ids) == (a.text, a.ids)
+
+
+def test_sampled_output_follows_the_main_models_distribution(tiny):
+    """Chi-square on the second generated token - the first one a verification pass emits - over many seeds,
+    against its exact marginal sum_t1 p(t1) p(t2 | t1) computed from the model's logits. The model drafts for
+    itself (greedily): its drafts are its likeliest tokens, so a wrong acceptance or residual rule moves a lot
+    of probability mass and the test catches it."""
+    m = tiny
+    if m.architecture != "llama":
+        pytest.skip("one architecture is enough for the statistics; gemma3's tiny model is near-deterministic")
+    prompt = repetitive_prompts(m, [12], seed=21)[0]
+    params = SamplingParams(temperature=0.4, top_k=0, top_p=1.0, repeat_penalty=1.0)
+    V = m.config.n_vocab
+    bp = BatchParams.from_params([params], V)
+
+    def dist(ids):
+        return target_distribution(torch.tensor(m.logits(ids))[None].float(), bp, None)[0].double().numpy()
+
+    eog = list(m.tokenizer.eog_ids)
+    p1 = dist(prompt)
+    p1[eog] = 0.0  # runs whose first token ends generation have no second token: condition them away
+    marginal = np.zeros(V)
+    for t1 in np.nonzero(p1 > 1e-7)[0]:
+        p2 = dist(prompt + [int(t1)])
+        p2[eog] = 0.0
+        marginal += p1[t1] * p2 / p2.sum()
+    marginal /= marginal.sum()
+
+    engine = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=1024, max_num_seqs=64,
+                                                       speculative=SpeculativeConfig("draft", 3, adaptive=False)),
+                    draft_model=m.model)
+    n = 3000
+    # max_tokens 3: the second token is drafted for (the last token of a request is never drafted).
+    opts = [GenerationOptions(max_tokens=3, sampling=SamplingParams(**{**params.__dict__, "seed": s}))
+            for s in range(n)]
+    outs = run_all(engine, [prompt] * n, opts)
+    counts = np.zeros(V)
+    for c in outs:
+        if len(c.ids) >= 2:
+            counts[c.ids[1]] += 1
+    assert engine.stats().spec_steps >= n * 0.9  # the second token really came from verification
+    stat, dof = chi2_stat(counts, marginal)
+    assert dof >= 3 and stat < chi2_critical(dof), (stat, dof)
+    st = engine.stats()
+    assert 0.1 < st.spec_accepted / st.spec_drafted < 0.9  # both branches of the rule were exercised
