@@ -21,6 +21,7 @@ import torch
 from ember.engine.engine import Engine, EngineConfig
 from ember.engine.generator import Completion, GenerationOptions, TokenStream
 from ember.engine.sampler import SamplingParams
+from ember.engine.speculative import SpeculativeConfig
 from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidParameterError, ModelNotFoundError
 from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
@@ -51,6 +52,8 @@ class Model:
         template: str | None = None,
         system: str | None = None,
         defaults: Mapping[str, Any] | None = None,
+        draft: str | os.PathLike | None = None,
+        speculative: str | None = None,
     ):
         t0 = time.perf_counter()
         torch.set_num_threads(threads or default_threads())
@@ -80,11 +83,27 @@ class Model:
         # caching, so a chat's next turn reuses the KV of the conversation so far.
         c = self.config
         kv_per_token = c.n_layer * c.n_head_kv * (c.head_dim + c.value_dim) * 2
+        # Speculative decoding: a draft model (DRAFT in the Modelfile, or `draft=`) implies method "draft";
+        # "ngram" (prompt lookup) needs no second model.
+        self.draft: Model | None = None
+        if draft is not None and speculative not in (None, "draft"):
+            raise InvalidParameterError(f"a draft model was given but the speculative method is {speculative!r}")
+        method = speculative or ("draft" if draft is not None else "none")
+        if method == "draft":
+            if draft is None:
+                raise InvalidParameterError("speculative method 'draft' needs a draft model (DRAFT or --draft)")
+            self.draft = load(draft, n_ctx=self.n_ctx, threads=threads)
+            if self.draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
+                raise InvalidParameterError(
+                    f"draft model {self.draft.name} has {self.draft.tokenizer.vocab_size} tokens, the model "
+                    f"{self.tokenizer.vocab_size}: a draft must share the model's vocabulary")
+        spec = SpeculativeConfig(method=method, num_tokens=int(self.defaults.pop("draft_num_predict", 8)))
         self.engine = Engine(
             self.model,
             self.tokenizer,
             # room for two full contexts: the conversation, and a second request or cached prefixes
-            EngineConfig(max_model_len=self.n_ctx, kv_cache_bytes=2 * self.n_ctx * kv_per_token),
+            EngineConfig(max_model_len=self.n_ctx, kv_cache_bytes=2 * self.n_ctx * kv_per_token, speculative=spec),
+            draft_model=self.draft.model if self.draft is not None else None,
         )
         self.load_seconds = time.perf_counter() - t0
 
@@ -166,13 +185,15 @@ class Model:
     def _options(self, kwargs: Mapping[str, Any]) -> GenerationOptions:
         kwargs = {**self.defaults, **kwargs}
         max_tokens = kwargs.pop("max_tokens", None)
+        draft_num_predict = kwargs.pop("draft_num_predict", None)
         stop = kwargs.pop("stop", None) or ()
         if isinstance(stop, str):
             stop = (stop,)
         unknown = set(kwargs) - _SAMPLING_FIELDS
         if unknown:
             raise InvalidParameterError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        return GenerationOptions(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingParams(**kwargs))
+        return GenerationOptions(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingParams(**kwargs),
+                                 draft_num_predict=draft_num_predict)
 
     def generate(
         self, prompt: str | Sequence[int], stream: bool = False, **options: Any
@@ -214,6 +235,8 @@ class Model:
 
     def close(self) -> None:
         self.file.close()
+        if self.draft is not None:
+            self.draft.close()
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, architecture={self.architecture!r}, n_ctx={self.n_ctx})"
@@ -230,13 +253,20 @@ def _file_type_name(file_type: Any, types: dict[str, int]) -> str:
     return max(types, key=types.get) if types else "unknown"
 
 
-def load(model: str | os.PathLike = DEFAULT_MODEL, *, n_ctx: int | None = None, threads: int | None = None) -> Model:
-    """Load a model by catalogue/store name or GGUF path. Raises EmberError subclasses on bad input."""
+def load(model: str | os.PathLike = DEFAULT_MODEL, *, n_ctx: int | None = None, threads: int | None = None,
+         draft: str | os.PathLike | None = None, speculative: str | None = None) -> Model:
+    """Load a model by catalogue/store name or GGUF path. Raises EmberError subclasses on bad input.
+
+    speculative: "none", "ngram" (prompt lookup) or "draft"; None: "draft" when the model has a draft
+    (`draft=`, or DRAFT in its Modelfile), else none. draft: a draft model name or path overriding DRAFT."""
     r = _resolve(model)
-    defaults = {k: v for k, v in r.params.items() if k in _SAMPLING_FIELDS or k in ("max_tokens", "stop")}
+    keys = ("max_tokens", "stop", "draft_num_predict")
+    defaults = {k: v for k, v in r.params.items() if k in _SAMPLING_FIELDS or k in keys}
+    if draft is None and speculative in (None, "draft") and r.draft_path is not None:
+        draft = r.draft_path
     return Model(
         Path(r.path), r.name, n_ctx=n_ctx or r.params.get("num_ctx"), threads=threads,
-        template=r.template, system=r.system, defaults=defaults,
+        template=r.template, system=r.system, defaults=defaults, draft=draft, speculative=speculative,
     )
 
 

@@ -97,7 +97,8 @@ def test_parse_every_instruction():
     ("FROM x\nFORM y", "Modelfile line 2: unknown instruction 'FORM' (did you mean FROM?)"),
     ("FROM x\n\n# c\nRUN echo hi", "Modelfile line 4: unknown instruction 'RUN'"),
     ("FROM x\nADAPTER ./lora.gguf", "Modelfile line 2: ADAPTER is not supported"),
-    ("FROM x\nDRAFT small", "Modelfile line 2: DRAFT (a draft model for speculative decoding) is reserved"),
+    ("FROM x\nDRAFT", "Modelfile line 2: DRAFT needs"),
+    ("FROM x\nPARAMETER draft_num_predict 99", "Modelfile line 2: parameter 'draft_num_predict' must be between"),
     ("FROM x\nPARAMETER temprature 1", "Modelfile line 2: unknown parameter 'temprature' (did you mean temperature?)"),
     ("FROM x\nPARAMETER num_ctx big", "Modelfile line 2: parameter 'num_ctx' must be an integer, got 'big'"),
     ("FROM x\nPARAMETER num_ctx 2.5", "Modelfile line 2: parameter 'num_ctx' must be an integer"),
@@ -297,3 +298,58 @@ def test_cli_errors_leave_the_store_as_it_was(home, tmp_path, tiny_gguf):
         r = ember(*args, home=home)
         assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (args, r.stderr)
     assert listing(home) == before
+
+
+# ---- DRAFT (speculative decoding) ------------------------------------------------------------------------
+
+
+def test_draft_is_stored_as_a_layer_and_loads_a_speculating_model(home, tiny_gguf, tmp_path):
+    import ember as ember_api
+
+    draft = tmp_path / "draft.gguf"
+    write_tiny_model(draft, qtype=T.Q8_0, n_layer=1, seed=11)  # same vocabulary, other weights
+    mf = parse_modelfile(f"FROM {tiny_gguf}\nDRAFT {draft}\nPARAMETER draft_num_predict 5\n")
+    assert mf.draft == str(draft)
+    create("spec", mf)
+    manifest = read_manifest(parse_name("spec"))
+    layer = manifest.layer("draft")
+    assert layer is not None and layer.media_type == MEDIA_TYPES["draft"]
+    assert layer.digest == "sha256:" + hashlib.sha256(draft.read_bytes()).hexdigest()
+    assert has_blob(layer.digest, layer.size)
+    assert f"DRAFT {blob_path(layer.digest)}" in show("spec")["modelfile"]
+    # A model built FROM it inherits the draft; prune keeps the draft blob while a manifest names it.
+    create("spec2", parse_modelfile("FROM spec\nSYSTEM hi\n"))
+    assert read_manifest(parse_name("spec2")).layer("draft") == layer
+    delete("spec")
+    prune()
+    assert has_blob(layer.digest, layer.size)
+
+    m = ember_api.load("spec2", threads=1)
+    try:
+        assert m.draft is not None and m.engine.config.speculative.method == "draft"
+        assert m.engine.config.speculative.num_tokens == 5
+        out = m.generate("hello world", max_tokens=12, temperature=0)
+        plain = ember_api.load(tiny_gguf, threads=1).generate("hello world", max_tokens=12, temperature=0)
+        assert out.ids == plain.ids  # greedy: the draft changes speed, never tokens
+        assert out.stats.draft_tokens > 0
+    finally:
+        m.close()
+
+
+def test_draft_with_another_vocabulary_is_refused_and_store_unchanged(home, tiny_gguf, tmp_path):
+    import gguf
+
+    other = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(other), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "x"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    before = sorted(p.name for p in (home / "models").rglob("*")) if (home / "models").exists() else []
+    with pytest.raises(ModelfileError, match="vocabulary differs"):
+        create("bad", parse_modelfile(f"FROM {tiny_gguf}\nDRAFT {other}\n"))
+    after = sorted(p.name for p in (home / "models").rglob("*")) if (home / "models").exists() else []
+    assert read_manifest(parse_name("bad")) is None
+    assert [n for n in after if n not in before and n.startswith("sha256")] == []

@@ -29,6 +29,7 @@ class ResolvedModel:
     system: str | None = None  # default system prompt
     params: dict[str, Any] = field(default_factory=dict)  # default sampling/runtime parameters
     license_path: Path | None = None
+    draft_path: Path | None = None  # DRAFT: the draft model's GGUF for speculative decoding
 
 
 def _looks_like_path(text: str) -> bool:
@@ -54,6 +55,7 @@ def _from_manifest(name: ModelName, manifest: Manifest, model_path: Path) -> Res
         if isinstance(loaded, dict):
             params = loaded
     lic = manifest.layer("license")
+    draft = manifest.layer("draft")
     return ResolvedModel(
         path=model_path,
         name=name.display,
@@ -61,6 +63,7 @@ def _from_manifest(name: ModelName, manifest: Manifest, model_path: Path) -> Res
         system=_read_text_layer(manifest.layer("system")),
         params=params,
         license_path=blob_path(lic.digest) if lic and has_blob(lic.digest, lic.size) else None,
+        draft_path=blob_path(draft.digest) if draft and has_blob(draft.digest, draft.size) else None,
     )
 
 

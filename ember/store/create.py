@@ -36,7 +36,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,13 @@ def model_modelfile(name: str) -> Modelfile:
         system=_text(manifest.layer("system")),
         messages=_messages(manifest.layer("messages")),
         licenses=_licenses(manifest),
+        draft=_draft_blob(manifest),
     )
+
+
+def _draft_blob(manifest: Manifest) -> str | None:
+    layer = manifest.layer("draft")
+    return str(blob_path(layer.digest)) if layer is not None else None
 
 
 # ---- create -------------------------------------------------------------------------------------------------
@@ -251,6 +257,20 @@ def _resolve_from(mf: Modelfile) -> _Source:
             raise ModelNotFoundError(f"FROM {value}: base model not found")
     layer = _model_layer(parsed, manifest)
     return _Source(path=blob_path(layer.digest), digest=layer.digest, base=manifest)
+
+
+def _check_draft(main: Path, draft: Path, name: str) -> None:
+    """A draft must speak the main model's vocabulary token for token: its proposals are token ids."""
+    from ember.gguf import open_gguf
+
+    try:
+        with open_gguf(main) as a, open_gguf(draft) as b:
+            same = a.metadata.get("tokenizer.ggml.tokens") == b.metadata.get("tokenizer.ggml.tokens")
+    except GGUFError as e:
+        raise GGUFError(f"DRAFT {name}: {e}") from e
+    if not same:
+        raise ModelfileError(f"DRAFT {name}: its vocabulary differs from the model's; a draft model must use "
+                             "the same tokenizer")
 
 
 def _publish_file(tmp: Path, new_blobs: list[str]) -> tuple[str, int]:
@@ -328,6 +348,11 @@ def create(name: str, modelfile: Modelfile, *, quantize: str | None = None,
     except GGUFError as e:
         raise GGUFError(f"FROM {modelfile.from_}: {e}") from e
     base = source.base
+    draft_layer = base.layer("draft") if base else None  # inherited unless the Modelfile names one
+    draft_source = None
+    if modelfile.draft is not None:
+        draft_source = _resolve_from(replace(modelfile, from_=modelfile.draft))
+        _check_draft(source.path, draft_source.path, modelfile.draft)
     params: dict[str, Any] = dict(_json_layer(base.layer("params"), dict)) if base else {}
     if "stop" in modelfile.parameters:
         params.pop("stop", None)  # a Modelfile's stop list replaces the base's
@@ -353,6 +378,15 @@ def create(name: str, modelfile: Modelfile, *, quantize: str | None = None,
                 digest, size = _import_file(source.path, progress, new_blobs)
                 progress({"status": f"creating new layer {digest}"})
             layers = [Layer(media_type=MEDIA_TYPES["model"], digest=digest, size=size)]
+            if draft_source is not None:
+                if draft_source.digest is not None:
+                    d_digest = draft_source.digest
+                    d_size = blob_path(d_digest).stat().st_size
+                else:
+                    d_digest, d_size = _import_file(draft_source.path, progress, new_blobs)
+                draft_layer = Layer(media_type=MEDIA_TYPES["draft"], digest=d_digest, size=d_size)
+            if draft_layer is not None:
+                layers.append(draft_layer)
             if template is not None:
                 layers.append(_layer_for("template", template.encode(), progress, new_blobs))
             if system is not None:

@@ -29,6 +29,7 @@ MEDIA_TYPES: dict[str, str] = {
     "params": "application/vnd.ollama.image.params",
     "messages": "application/vnd.ollama.image.messages",
     "license": "application/vnd.ollama.image.license",
+    "draft": "application/vnd.ollama.image.draft",  # DRAFT: the draft model's GGUF, for speculative decoding
 }
 
 

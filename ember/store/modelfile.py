@@ -13,7 +13,7 @@
 | MESSAGE <role> <text>    | conversation history; role is system, user or assistant           | in order             |
 | LICENSE <text>           | license text                                                       | may repeat           |
 | ADAPTER <path>           | (Q)LoRA adapter                                                    | rejected: no LoRA    |
-| DRAFT <name>             | draft model for speculative decoding                               | reserved, rejected   |
+| DRAFT <name or path>     | draft model for speculative decoding (same vocabulary, smaller)    | last one wins        |
 
 Instructions are case-insensitive. A value is the rest of the line, or `"..."` on one line (`\\"` and `\\\\`
 escapes), or `\"\"\"...\"\"\"` spanning lines (verbatim, no escapes).
@@ -38,6 +38,7 @@ PARAMETER names are Ollama's (so a params layer is interchangeable with Ollama's
 | num_keep          | int    |           | stored, not used                              |
 | penalize_newline  | bool   |           | stored, not used                              |
 | mirostat          | int    | 0..2      | stored, not used                              |
+| draft_num_predict | int    | 0..64     | most tokens drafted per step (speculative)    |
 | mirostat_eta      | float  |           | stored, not used                              |
 | mirostat_tau      | float  |           | stored, not used                              |
 | tfs_z             | float  |           | stored, not used                              |
@@ -96,6 +97,7 @@ PARAMETERS: dict[str, Param] = {
     "num_keep": Param(int),
     "penalize_newline": Param(bool),
     "mirostat": Param(int, _between(0, 2), "0, 1 or 2"),
+    "draft_num_predict": Param(int, _between(0, 64), "between 0 and 64"),
     "mirostat_eta": Param(float),
     "mirostat_tau": Param(float),
     "tfs_z": Param(float),
@@ -107,11 +109,10 @@ PARAMETERS: dict[str, Param] = {
     "numa": Param(bool),
 }
 
-INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
+INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "DRAFT")
 _REJECTED = {
     "ADAPTER": "ADAPTER is not supported: Ember cannot apply (Q)LoRA adapters yet; merge the adapter into a "
                "GGUF and use FROM",
-    "DRAFT": "DRAFT (a draft model for speculative decoding) is reserved and not supported yet",
 }
 
 
@@ -132,6 +133,7 @@ class Modelfile:
     system: str | None = None
     messages: tuple[Message, ...] = ()
     licenses: tuple[str, ...] = ()
+    draft: str | None = None  # DRAFT: a store name, a .gguf path or a blob, like FROM
     base_dir: Path | None = None  # where relative FROM paths are resolved (the Modelfile's folder)
 
 
@@ -265,7 +267,7 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
     from_: str | None = None
     from_line = 0
     params: dict[str, Any] = {}
-    template = system = None
+    template = system = draft = None
     messages: list[Message] = []
     licenses: list[str] = []
     while src.i < len(src.lines):
@@ -301,6 +303,10 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
             system = src.value(rest, line_no, "SYSTEM")
         elif instruction == "LICENSE":
             licenses.append(src.value(rest, line_no, "LICENSE"))
+        elif instruction == "DRAFT":
+            draft = src.value(rest, line_no, "DRAFT").strip()
+            if not draft:
+                raise src.fail(line_no, "DRAFT needs a model name or a .gguf path")
         elif instruction == "MESSAGE":
             role, content = _split_word_raw(rest)
             if role.lower() not in ROLES:
@@ -311,7 +317,7 @@ def parse_modelfile(text: str, base_dir: Path | None = None) -> Modelfile:
     if not from_:
         raise ModelfileError(f"Modelfile line {from_line}: FROM needs a value")
     return Modelfile(from_=from_, parameters=params, template=template, system=system,
-                     messages=tuple(messages), licenses=tuple(licenses), base_dir=base_dir)
+                     messages=tuple(messages), licenses=tuple(licenses), draft=draft, base_dir=base_dir)
 
 
 def read_modelfile(path: str | Path) -> Modelfile:
@@ -365,6 +371,8 @@ def format_parameter(name: str, value: Any) -> list[str]:
 def format_modelfile(mf: Modelfile, header: str = "") -> str:
     lines = [header] if header else []
     lines.append(f"FROM {mf.from_}")
+    if mf.draft is not None:
+        lines.append(f"DRAFT {mf.draft}")
     if mf.template is not None:
         lines.append(f"TEMPLATE {quote(mf.template)}")
     if mf.system is not None:
