@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)")
     run.add_argument("--seed", type=int, metavar="S", help="random seed for reproducible sampling")
     run.add_argument("--ctx", type=int, metavar="N", help="context window in tokens")
+    run.add_argument("--speculative", choices=("none", "ngram", "draft"), default=None,
+                     help="speculative decoding: ngram (prompt lookup) or draft (a draft model); default: draft "
+                          "when the model has a DRAFT, else none. Loads the model in this process")
+    run.add_argument("--draft", metavar="MODEL", help="draft model (name or .gguf) for --speculative draft")
+    run.add_argument("--draft-num-predict", type=int, metavar="N", help="most tokens drafted per step (0..64)")
     run.set_defaults(handler=_run)
 
     pull_cli.add_parser(sub, parents=[common])

@@ -30,6 +30,7 @@ _RULES: dict[str, tuple[type, float | None, float | None]] = {
     "seed": (int, None, None),
     "num_predict": (int, -1, None),  # -1: no limit
     "num_ctx": (int, 1, None),
+    "draft_num_predict": (int, 0, 64),  # speculative decoding: most tokens drafted per step
 }
 
 
@@ -46,6 +47,7 @@ class Parameters:
     seed: int | None = None
     num_predict: int | None = None
     num_ctx: int | None = None
+    draft_num_predict: int | None = None
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,7 +82,7 @@ class Parameters:
     def options(self, n_ctx: int) -> dict[str, Any]:
         """Keyword arguments for Model.chat, translating Ollama's conventions (-1 = unlimited/whole context)."""
         opts: dict[str, Any] = {}
-        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed"):
+        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "draft_num_predict"):
             value = getattr(self, name)
             if value is not None:
                 opts[name] = value
@@ -115,17 +117,19 @@ def _check(name: str, value: Any, kind: type, lo: float | None, hi: float | None
 # ---- model access --------------------------------------------------------------------------------------------
 
 
-def load_model(name: str, n_ctx: int | None) -> Any:
+def load_model(name: str, n_ctx: int | None, speculative: str | None = None, draft: str | None = None) -> Any:
     """The model from the Ember server on EMBER_HOST when one answers, else loaded here through the public API;
-    a seam the tests replace with a fake model."""
-    from ember.cli.client import connect_model
+    a seam the tests replace with a fake model. Choosing speculative decoding (how a model is loaded) always
+    loads it here."""
+    if speculative is None and draft is None:
+        from ember.cli.client import connect_model
 
-    remote = connect_model(name, n_ctx)
-    if remote is not None:
-        return remote
+        remote = connect_model(name, n_ctx)
+        if remote is not None:
+            return remote
     import ember
 
-    return ember.load(name, n_ctx=n_ctx)
+    return ember.load(name, n_ctx=n_ctx, speculative=speculative, draft=draft)
 
 
 def _format_duration(seconds: float) -> str:
@@ -152,6 +156,15 @@ def format_stats(stats: Any, total_seconds: float, load_seconds: float) -> str:
         ("eval duration", _format_duration(stats.generate_seconds)),
         ("eval rate", f"{eval_rate:.2f} tokens/s"),
     ]
+    drafted = getattr(stats, "draft_tokens", 0)
+    if drafted:  # speculative decoding: how much of the drafting paid
+        steps = getattr(stats, "spec_steps", 0)
+        accepted = getattr(stats, "accepted_tokens", 0)
+        rows += [
+            ("draft count", f"{drafted} token(s)"),
+            ("draft acceptance", f"{100.0 * accepted / drafted:.1f}%"),
+            ("tokens per step", f"{(accepted + steps) / steps:.2f}" if steps else "-"),
+        ]
     return "\n".join(f"{label + ':':<22}{value}" for label, value in rows)
 
 
@@ -168,10 +181,15 @@ class Session:
     messages: list[dict[str, str]] = field(default_factory=list)
     model: Any = None
     pending_load_seconds: float = 0.0  # reported with the next answer's stats
+    speculative: str | None = None
+    draft: str | None = None
 
     def load(self) -> None:
         t0 = time.perf_counter()
-        self.model = load_model(self.model_name, self.params.num_ctx)
+        if self.speculative is None and self.draft is None:
+            self.model = load_model(self.model_name, self.params.num_ctx)
+        else:
+            self.model = load_model(self.model_name, self.params.num_ctx, self.speculative, self.draft)
         self.pending_load_seconds = time.perf_counter() - t0
 
     def conversation(self) -> list[dict[str, str]]:
@@ -239,7 +257,8 @@ def gather_prompt(words: list[str], stdin: TextIO) -> str | None:
 
 def parameters_from_args(args: argparse.Namespace) -> Parameters:
     return Parameters(
-        temperature=args.temperature, seed=args.seed, num_predict=args.num_predict, num_ctx=args.ctx
+        temperature=args.temperature, seed=args.seed, num_predict=args.num_predict, num_ctx=args.ctx,
+        draft_num_predict=getattr(args, "draft_num_predict", None),
     )
 
 
@@ -249,7 +268,8 @@ def run_command(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     prompt = gather_prompt(args.prompt, stdin)
     if prompt is None and not stdin.isatty():
         raise EmberError("no prompt: give one as an argument or pipe it on stdin")
-    session = Session(model_name=args.model, params=params, verbose=args.verbose)
+    session = Session(model_name=args.model, params=params, verbose=args.verbose,
+                      speculative=getattr(args, "speculative", None), draft=getattr(args, "draft", None))
     session.load()
     if prompt is not None:
         session.answer(prompt)
