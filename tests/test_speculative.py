@@ -78,16 +78,32 @@ def _brute_force(tokens, nmin, nmax, k):
 
 def test_speculation_adapts_and_backs_off():
     s = Speculation(8)
-    assert s.next_length() == 4
-    s.record(4, 4)
-    assert s.length == 6
-    s.record(6, 1)
+    assert s.next_length() == 3
+    s.record(3, 3)
+    assert s.length == 5
+    s.record(5, 1)
     assert s.length == 2
     for _ in range(4):
         s.record(2, 0)
     assert [s.next_length() for _ in range(8)] == [0] * 8  # paused after four misses in a row
-    assert s.next_length() == 1
-    assert s.drafted == 18 and s.accepted == 5 and s.steps == 6
+    assert s.next_length() == 1  # misses shrank the draft to one token
+    for _ in range(4):
+        s.record(1, 0)
+    assert sum(s.next_length() == 0 for _ in range(16)) == 16  # the next pause is twice as long
+    assert s.drafted == 20 and s.accepted == 4 and s.steps == 10
+
+
+def test_speculation_stops_when_measured_cost_says_it_does_not_pay():
+    s = Speculation(4)
+    for _ in range(4):  # one of two drafts accepted each step (2 tokens emitted)...
+        s.record(2, 1)
+        s.record_cost(2.5)  # ...at 2.5 plain steps' cost: 0.8 tokens per plain-step time
+    assert s.next_length() == 0
+    fast = Speculation(4)
+    for _ in range(8):
+        fast.record(2, 1)
+        fast.record_cost(1.6)  # 1.25 tokens per plain-step time: keep going
+    assert fast.next_length() > 0
 
 
 def test_config_validation():

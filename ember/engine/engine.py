@@ -198,6 +198,9 @@ class Engine:
         if draft_model is not None:
             self.draft = DraftProposer(draft_model, c.n_vocab, num_blocks, config.block_size, config.kv_dtype)
         self.spec_totals = [0, 0, 0, 0]  # drafted, accepted, verification steps, tokens emitted by them
+        # Speculation's cost check: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
+        self._plain_step: dict[int, float] = {}
+        self._propose_seconds = 0.0
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -304,7 +307,9 @@ class Engine:
             outputs += self._drain()
             if not self.scheduler.has_unfinished():
                 return outputs
+            t0 = time.perf_counter()
             self._propose()
+            self._propose_seconds = time.perf_counter() - t0
             batch = self.scheduler.step()
             try:
                 outputs += self._run(batch)
@@ -343,6 +348,7 @@ class Engine:
             if req.cached_tokens is None:  # first admission: what the prefix cache credited
                 req.cached_tokens = e.seq.num_cached_tokens
         entries = batch.sampling
+        t0 = time.perf_counter()
         logits = self.runner.execute(batch)
         # Entry i's logits rows start at offsets[i]: one row, or 1 + len(draft) for a speculative decode.
         offsets, row = [], 0
@@ -358,6 +364,7 @@ class Engine:
         for i, e in enumerate(entries):
             if e.draft:
                 emitted[i] = self._verify(e, logits[offsets[i] : offsets[i] + 1 + len(e.draft)])
+        self._account_step(batch, time.perf_counter() - t0)
 
         stopped: set[int] = set()
         deltas: dict[int, list[tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]]] = {}
@@ -401,6 +408,25 @@ class Engine:
                         req.text.append(text)
                     outputs.append(self._deliver(req, RequestOutput(rid, token, text, logprobs=lp)))
         return outputs
+
+    def _account_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Feed speculation's cost check: how long verification steps take relative to plain decode steps of
+        the same number of sequences (only all-decode batches compare; prefill chunks would skew both)."""
+        if any(e.is_prefill for e in batch.scheduled):
+            return
+        n = len(batch.scheduled)
+        drafted = [e for e in batch.scheduled if e.draft]
+        if not drafted:
+            old = self._plain_step.get(n)
+            self._plain_step[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            return
+        plain = self._plain_step.get(n)
+        if plain:
+            relative = (seconds + self._propose_seconds) / plain
+            for e in drafted:
+                req = self._requests.get(e.seq.seq_id)
+                if req is not None and req.spec is not None:
+                    req.spec.record_cost(relative)
 
     def _verify(self, e: ScheduledSeq, rows: torch.Tensor) -> list[int]:
         """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit (speculative.accept)."""

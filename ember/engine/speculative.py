@@ -15,7 +15,6 @@ rate) and when to stop speculating because it does not pay (see `next_length`).
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Sequence as SequenceT
 
@@ -95,17 +94,20 @@ class NgramIndex:
 class Speculation:
     """One request's speculation policy and counters.
 
-    Draft length adapts to the acceptance of the last few steps: a step whose drafts were all accepted grows
-    it by 2 (up to the maximum), one with low acceptance shrinks it to what was accepted plus one. After
-    `patience` consecutive steps that accepted nothing the request stops speculating for a cool-down period
-    that doubles each time (a verification pass of k+1 tokens costs more than a plain decode step), then
-    tries again."""
+    Draft length adapts to the acceptance of the last steps: a step whose drafts were all accepted grows it
+    by 2 (up to the maximum), one that accepted less than half shrinks it to what was accepted plus one.
+    Speculation pauses (for a cool-down that doubles each time, then tries again) when it does not pay:
+      - `patience` consecutive steps accepted nothing, or
+      - measured cost says so: the engine reports each verification step's duration relative to a plain
+        decode step of the same batch (`record_cost`); if the tokens emitted per plain-step-equivalent,
+        averaged over recent steps, fall below 1, plain decoding is faster.
+    """
 
     def __init__(self, max_tokens: int, adaptive: bool = True, patience: int = 4) -> None:
         self.max_tokens = max_tokens
         self.adaptive = adaptive
         self.patience = patience
-        self.length = min(max_tokens, 4) if adaptive else max_tokens
+        self.length = min(max_tokens, 3) if adaptive else max_tokens
         self.drafted = 0
         self.accepted = 0
         self.steps = 0  # verification steps
@@ -113,7 +115,9 @@ class Speculation:
         self._misses = 0
         self._pause = 0
         self._cooldown = 8
-        self.recent: deque[float] = deque(maxlen=8)
+        self._gain: float | None = None  # EMA of tokens emitted per plain-step-equivalent of time
+        self._costed = 0
+        self._last_emitted = 0
 
     def next_length(self) -> int:
         """Tokens to draft for the next step (0: decode plainly this step)."""
@@ -122,6 +126,10 @@ class Speculation:
             return 0
         return self.length
 
+    def _back_off(self) -> None:
+        self._pause, self._cooldown, self._misses = self._cooldown, min(self._cooldown * 2, 256), 0
+        self._gain, self._costed = None, 0
+
     def record(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
@@ -129,7 +137,7 @@ class Speculation:
         self.accepted += accepted
         self.steps += 1
         self.emitted += accepted + 1
-        self.recent.append(accepted / drafted)
+        self._last_emitted = accepted + 1
         if not self.adaptive:
             return
         if accepted == drafted:
@@ -139,9 +147,19 @@ class Speculation:
         if accepted == 0:
             self._misses += 1
             if self._misses >= self.patience:
-                self._pause, self._cooldown, self._misses = self._cooldown, min(self._cooldown * 2, 256), 0
+                self._back_off()
         else:
             self._misses = 0
+
+    def record_cost(self, relative_cost: float) -> None:
+        """The last verification step took `relative_cost` times a plain decode step (after record())."""
+        if not self.adaptive or relative_cost <= 0:
+            return
+        gain = self._last_emitted / relative_cost
+        self._gain = gain if self._gain is None else 0.7 * self._gain + 0.3 * gain
+        self._costed += 1
+        if self._costed >= 4 and self._gain < 1.0:
+            self._back_off()
 
     @property
     def acceptance_rate(self) -> float:
