@@ -336,3 +336,25 @@ def test_sampled_output_follows_the_main_models_distribution(tiny):
     assert dof >= 3 and stat < chi2_critical(dof), (stat, dof)
     st = engine.stats()
     assert 0.1 < st.spec_accepted / st.spec_drafted < 0.9  # both branches of the rule were exercised
+
+
+def test_speculation_under_memory_pressure_and_prefix_sharing(tiny):
+    """More requests than blocks (preemption by recompute) and shared prompt prefixes, with drafts: every
+    request still gets exactly its plain greedy output, and no block leaks."""
+    m = tiny
+    shared = repetitive_prompts(m, [24], seed=30)[0]
+    prompts = [shared + p for p in repetitive_prompts(m, [5, 9, 13, 7, 11, 6], seed=31)]
+    plain = SamplingParams(temperature=0, repeat_penalty=1.0)
+    options = [GenerationOptions(max_tokens=30, sampling=plain)] * len(prompts)
+    # Same step budget for both: where the budget cuts a prompt into chunks moves last bits (see engine.py).
+    base = run_all(Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=256, max_num_seqs=6,
+                                                             max_num_batched_tokens=32)), prompts, options)
+    tight = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=6, max_num_batched_tokens=32,
+                         speculative=SpeculativeConfig("draft", 4))
+    engine = Engine(m.model, m.tokenizer, tight, draft_model=m.model)
+    got = run_all(engine, prompts, options)
+    assert [g.ids for g in got] == [b.ids for b in base]
+    assert engine.num_preemptions > 0 and engine.stats().spec_steps > 0
+    assert engine.stats().prefix_hit_tokens > 0
+    assert engine.scheduler.block_manager.stats().num_used == 0
+    assert engine.draft is not None and engine.draft.blocks.stats().num_used == 0

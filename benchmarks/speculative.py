@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Speculative decoding benchmark: decode speed with and without speculation, same model, same run.
+
+    python3 benchmarks/speculative.py                       # all workloads below
+    python3 benchmarks/speculative.py --workloads lookup    # just prompt lookup on SmolLM2
+
+Workloads (batch 1, greedy, the model's other defaults):
+  lookup   SmolLM2-135M Q4_1, a ~1000-token document (tests/fixtures/gpl3.txt) and "Summarize the following
+           document."; prompt lookup (ngram) vs plain decoding.
+  lowbit   SmolLM2 drafted by a Q2_K requantization of itself (`ember quantize ... Q2_K --allow-requantize`,
+           cached under ~/.cache/ember/speculative).
+  synth1b  the synthetic 1B Q4_K_M model (benchmarks/synthetic_models.py) drafted by a synthetic 4-layer
+           model of the same vocabulary. Random weights: the draft agrees with the main model by chance only,
+           so this measures what speculation costs when it does not pay (the back-off should bound it).
+For each: decode tokens/s (generated tokens / time from first token to last), mean and standard deviation
+over --repeats alternating runs, the speed-up, acceptance rate, tokens emitted per verification step, and
+whether the greedy output was token-identical to plain decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ember  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "ember" / "speculative"
+
+
+def lookup_prompt(model: "ember.Model", n_tokens: int = 1000) -> list[int]:
+    text = (ROOT / "tests" / "fixtures" / "gpl3.txt").read_text()
+    ids = model.tokenizer.encode(text, add_special=False)
+    doc = model.tokenizer.decode(ids[:n_tokens])
+    msgs = [{"role": "user", "content": "Summarize the following document.\n\n" + doc}]
+    return model.prompt_ids(model.template.render(msgs, add_generation_prompt=True))
+
+
+def run_once(model: "ember.Model", ids: list[int], max_tokens: int) -> dict:
+    stream = model.engine.generate_stream(ids, model._options({"temperature": 0, "max_tokens": max_tokens}))
+    for _ in stream:
+        pass
+    s = stream.result.stats
+    return {"ids": stream.result.ids, "rate": s.generate_rate, "drafted": s.draft_tokens,
+            "accepted": s.accepted_tokens, "steps": s.spec_steps, "generated": s.generated_tokens}
+
+
+def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int], max_tokens: int,
+            repeats: int) -> dict:
+    run_once(plain, ids, 8)  # warm-up both (first-call allocations)
+    run_once(spec, ids, 8)
+    base, fast = [], []
+    for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+        base.append(run_once(plain, ids, max_tokens))
+        fast.append(run_once(spec, ids, max_tokens))
+    b = [r["rate"] for r in base]
+    f = [r["rate"] for r in fast]
+    drafted = sum(r["drafted"] for r in fast)
+    accepted = sum(r["accepted"] for r in fast)
+    steps = sum(r["steps"] for r in fast)
+    return {
+        "workload": name,
+        "prompt_tokens": len(ids),
+        "generated": fast[-1]["generated"],
+        "plain_tps": statistics.mean(b), "plain_sd": statistics.pstdev(b),
+        "spec_tps": statistics.mean(f), "spec_sd": statistics.pstdev(f),
+        "speedup": statistics.mean(f) / statistics.mean(b),
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "tokens_per_step": (accepted + steps) / steps if steps else 0.0,
+        "identical": all(x["ids"] == y["ids"] for x, y in zip(base, fast)),
+    }
+
+
+def lowbit_draft() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = CACHE / "smollm2-q2_k.gguf"
+    if not out.exists():
+        src = ember.load("smollm2").path
+        subprocess.run([sys.executable, "-m", "ember.cli.main", "quantize", "--allow-requantize", str(src),
+                        str(out), "Q2_K"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def synthetic_pair() -> tuple[Path, Path]:
+    from synthetic_models import Shape, synthetic_model, write_synthetic
+
+    main = synthetic_model("1b", "q4_k_m")
+    draft = CACHE / "synthetic-llama-draft-q4_k_m.gguf"
+    if not draft.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        write_synthetic(draft, Shape(n_layer=4, n_embd=512, n_ff=1408, n_head=8, n_head_kv=4), "q4_k_m", seed=1,
+                        name="synthetic-llama-draft")
+    return main, draft
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=["lookup", "lowbit", "synth1b"],
+                    choices=["lookup", "lowbit", "synth1b"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    results = []
+    t0 = time.time()
+    for w in args.workloads:
+        if w == "lookup":
+            plain, spec = ember.load("smollm2"), ember.load("smollm2", speculative="ngram")
+            ids = lookup_prompt(plain)
+        elif w == "lowbit":
+            plain, spec = ember.load("smollm2"), ember.load("smollm2", draft=lowbit_draft())
+            ids = lookup_prompt(plain, 200)
+        else:
+            main_path, draft_path = synthetic_pair()
+            plain, spec = ember.load(main_path), ember.load(main_path, draft=draft_path)
+            ids = [1] + list(range(100, 300))
+        results.append(compare(w, plain, spec, ids, args.tokens, args.repeats))
+        plain.close()
+        spec.close()
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"| workload | prompt | plain t/s | speculative t/s | speed-up | acceptance | tokens/step | identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['workload']} | {r['prompt_tokens']} | {r['plain_tps']:.1f} ± {r['plain_sd']:.1f} | "
+              f"{r['spec_tps']:.1f} ± {r['spec_sd']:.1f} | {r['speedup']:.2f}x | {100 * r['acceptance']:.1f}% | "
+              f"{r['tokens_per_step']:.2f} | {'yes' if r['identical'] else 'NO'} |")
+    print(f"({time.time() - t0:.0f} s)")
+    return 0 if all(r["identical"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
