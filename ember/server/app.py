@@ -45,7 +45,7 @@ from ember.errors import EmberError, InvalidParameterError
 from ember.server import ollama_api, openai_api, parse_host, store_api
 from ember.server.auth import KeyChecker, load_keys
 from ember.server.errors import APIError, error_response
-from ember.server.generation import ClientGone
+from ember.server.streaming import ClientGone
 from ember.server.metrics import CONTENT_TYPE, Gauge, Metrics
 from ember.server.models import DEFAULT_KEEP_ALIVE, ManagerConfig, ModelManager, parse_keep_alive, rfc3339
 

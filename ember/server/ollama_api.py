@@ -1,32 +1,17 @@
 """Ollama's REST API (/api/*), wire-compatible with Ollama's docs/api.md and its official clients.
 
-Request options (the `options` object) -> Ember:
-
-| Ollama option                 | Ember                                  | notes                                        |
-|-------------------------------|----------------------------------------|----------------------------------------------|
-| num_predict                   | GenerationOptions.max_tokens           | < 0: no limit (until EOS or context full)    |
-| stop                          | GenerationOptions.stop                 | string or list of strings                    |
-| temperature, top_k, top_p,    | SamplingParams (same names)            | validated there (400 on bad values)          |
-| min_p, typical_p,             |                                        |                                              |
-| repeat_penalty, repeat_last_n,|                                        | repeat_last_n -1: whole history              |
-| presence/frequency_penalty    |                                        |                                              |
-| seed                          | SamplingParams.seed                    | < 0: random                                  |
-| num_ctx                       | the loaded model's context length      | reloads the model when idle                  |
-| num_keep, mirostat*, tfs_z,   | accepted and ignored                   | llama.cpp runner knobs Ember has no use for  |
-| penalize_newline, num_batch,  |                                        |                                              |
-| num_gpu, main_gpu, low_vram,  |                                        |                                              |
-| use_mmap, use_mlock, numa,    |                                        |                                              |
-| num_thread, f16_kv, ...       |                                        |                                              |
+Request options (the `options` object) map onto the sampler as options.py tabulates; `format` ("json" or
+a JSON schema) constrains the output to JSON (json_format.py); `suffix` asks for fill-in-the-middle (infill.py);
+/api/show's answer is ollama_show.py's.
 
 Differences from Ollama, on purpose: a prompt longer than the context is a 400 (Ollama truncates silently);
 `/api/embed` truncates only when the request says `"truncate": true`; a per-request `template` is a Jinja chat
-template (Ember's template language), not a Go template; `format` is instructed and cut to the first complete
-JSON value, not grammar-constrained (see generation.JSONScanner).
+template (Ember's template language), not a Go template; `format` is grammar-constrained for the schema subset
+that ember/grammar/json_schema.py lists (Ollama's own grammar covers a similar subset).
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
@@ -34,125 +19,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember import __version__
-from ember.errors import EmberError, InvalidParameterError, ModelNotFoundError
+from ember.server.embedding import embed_all
 from ember.server.errors import APIError, as_api_error
 from ember.server.generation import (
-    JSON_VALID_HEADER,
-    ClientGone,
-    Delta,
     Generation,
-    JSONScanner,
-    StreamResponse,
-    build_options,
     chat_prompt_ids,
     deltas,
-    json_instruction,
-    ndjson,
-    read_json,
-    token_piece,
-    until_disconnect,
+    logprob_entries,
 )
+from ember.server.infill import infill_ids
+from ember.server.json_format import JSONFormat, valid_header
 from ember.server.models import LoadedModel, installed_models, parse_keep_alive, rfc3339
+from ember.server.ollama_show import show
+from ember.server.options import (
+    build_options,
+    flag,
+    model_field,
+    parse_ollama_format,
+    parse_ollama_logprobs,
+    parse_ollama_options,
+    read_json,
+)
+from ember.server.streaming import ClientGone, ndjson_stream, until_disconnect
 from ember.server.tool_calls import ToolCall, ToolCallParser
 
-NDJSON = "application/x-ndjson"
-
-# Ollama option name -> (Ember name, type); see the module table.
-_SAMPLING_OPTIONS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-    "min_p": ("min_p", float), "typical_p": ("typical_p", float), "repeat_penalty": ("repeat_penalty", float),
-    "repeat_last_n": ("repeat_last_n", int), "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int),
-}
-_IGNORED_OPTIONS = frozenset({
-    "num_keep", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "tfs_z", "numa", "num_batch",
-    "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mmap", "use_mlock",
-    "embedding_only", "num_thread",
-})
 _FOREVER = 292 * 365 * 86400.0  # what Ollama shows for keep_alive < 0: Go's longest duration from now
 
 
 # -- request fields -------------------------------------------------------------------------------------------
-def model_field(body: dict[str, Any]) -> str:
-    name = body.get("model") or body.get("name")  # "name" is Ollama's older spelling
-    if not isinstance(name, str) or not name.strip():
-        raise APIError(400, "model is required")
-    return name
-
-
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{key}' must be true or false")
-    return value
-
-
-def _number(name: str, value: Any, kind: type) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidParameterError(f"option '{name}' must be a number, got {value!r}")
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise InvalidParameterError(f"option '{name}' must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def parse_options(raw: Any) -> tuple[dict[str, Any], int | None, list[str] | None, int | None]:
-    """(sampling params, max_tokens, stop, num_ctx) from an Ollama `options` object."""
-    if raw is None:
-        return {}, None, None, None
-    if not isinstance(raw, dict):
-        raise APIError(400, "'options' must be an object")
-    sampling: dict[str, Any] = {}
-    max_tokens = num_ctx = None
-    stop = None
-    for key, value in raw.items():
-        if value is None or key in _IGNORED_OPTIONS:
-            continue
-        if key in _SAMPLING_OPTIONS:
-            name, kind = _SAMPLING_OPTIONS[key]
-            number = _number(key, value, kind)
-            if key == "seed" and number < 0:
-                continue  # Ollama's -1: a random seed
-            sampling[name] = number
-        elif key == "num_predict":
-            n = int(_number(key, value, int))
-            max_tokens = n if n >= 0 else None
-        elif key == "num_ctx":
-            num_ctx = int(_number(key, value, int))
-        elif key == "stop":
-            stop = [value] if isinstance(value, str) else value
-            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-                raise InvalidParameterError("option 'stop' must be a string or a list of non-empty strings")
-        else:
-            raise InvalidParameterError(f"unknown option '{key}'")
-    return sampling, max_tokens, stop, num_ctx
-
-
-def parse_format(raw: Any) -> tuple[bool, Any]:
-    """(JSON wanted, schema or None). Ollama's `format`: "" (none), "json", or a JSON schema object."""
-    if raw in (None, ""):
-        return False, None
-    if raw == "json":
-        return True, None
-    if isinstance(raw, dict):
-        return True, raw
-    raise APIError(400, f"invalid format {raw!r}: use \"json\" or a JSON schema object")
-
-
-def parse_logprobs(body: dict[str, Any]) -> int | None:
-    if not _flag(body, "logprobs", False):
-        if body.get("top_logprobs"):
-            raise APIError(400, "top_logprobs needs logprobs: true")
-        return None
-    n = body.get("top_logprobs", 0) or 0
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20:
-        raise APIError(400, "top_logprobs must be an integer between 0 and 20")
-    return n
-
-
 def _template_override(body: dict[str, Any]) -> str | None:
     template = body.get("template")
     if template in (None, ""):
@@ -192,18 +86,6 @@ def _final_stats(gen: Generation, started: float, load_seconds: float) -> dict[s
     }
 
 
-def _logprob_entries(lm: LoadedModel, d: Delta) -> list[dict[str, Any]]:
-    out = []
-    for token, logprob, top in d.logprobs:
-        text, raw = token_piece(lm, token)
-        alts = []
-        for tid, lp in top:
-            t, b = token_piece(lm, tid)
-            alts.append({"token": t, "logprob": lp, "bytes": b})
-        out.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alts})
-    return out
-
-
 def _tool_calls(calls: list[ToolCall], start: int) -> list[dict[str, Any]]:
     return [{"function": {"index": start + i, "name": c.name, "arguments": c.arguments}}
             for i, c in enumerate(calls)]
@@ -232,17 +114,11 @@ class _Run:
 
 
 async def _respond(run: _Run, stream: bool, chunks: AsyncIterator[dict[str, Any]],
-                   scanner: JSONScanner | None = None) -> Response:
+                   fmt: JSONFormat | None = None) -> Response:
     """Stream NDJSON, or gather the chunks into one object (`merge` them as Ollama's non-streamed answer).
     With `format`, a non-streamed answer says in X-Ember-JSON-Valid whether its text parses as JSON."""
     if stream:
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for obj in chunks:
-                    yield ndjson(obj)
-            except Exception as e:  # after the 200 went out: Ollama's in-stream error line
-                yield ndjson({"error": as_api_error(e).message})
-        return StreamResponse(body(), NDJSON, on_close=run.close)
+        return ndjson_stream(chunks, lambda e: as_api_error(e).message, on_close=run.close)
     try:
         async def gather() -> list[dict[str, Any]]:
             return [obj async for obj in chunks]
@@ -250,8 +126,11 @@ async def _respond(run: _Run, stream: bool, chunks: AsyncIterator[dict[str, Any]
         objs = await until_disconnect(run.request, gather)
     finally:
         run.close()
-    headers = {JSON_VALID_HEADER: str(scanner.valid()).lower()} if scanner is not None else None
-    return JSONResponse(_merge(objs), headers=headers)
+    merged = _merge(objs)
+    headers = None
+    if fmt is not None:
+        headers = valid_header([merged["response"] if "response" in merged else merged["message"]["content"]])
+    return JSONResponse(merged, headers=headers)
 
 
 def _merge(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -295,16 +174,17 @@ async def generate(request: Request) -> Response:
     body = await read_json(request, state.config.max_request_bytes)
     name = model_field(body)
     _unsupported(body, name)
-    if body.get("suffix"):
-        raise APIError(400, f"model '{name}' does not support insert")
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string")
-    stream = _flag(body, "stream", True)
-    raw = _flag(body, "raw", False)
-    sampling, max_tokens, stop, num_ctx = parse_options(body.get("options"))
-    want_json, schema = parse_format(body.get("format"))
-    logprobs = parse_logprobs(body)
+    suffix = body.get("suffix") or ""
+    if not isinstance(suffix, str):
+        raise APIError(400, "'suffix' must be a string")
+    stream = flag(body, "stream", True)
+    raw = flag(body, "raw", False)
+    sampling, max_tokens, stop, num_ctx = parse_ollama_options(body.get("options"))
+    fmt = parse_ollama_format(body.get("format"))
+    logprobs = parse_ollama_logprobs(body)
     template = _template_override(body)
     system = body.get("system")
     if system is not None and not isinstance(system, str):
@@ -315,37 +195,36 @@ async def generate(request: Request) -> Response:
 
     started = time.monotonic()
     lm, load_seconds = await _acquire(request, name, body.get("keep_alive"), num_ctx)
-    if not prompt:
+    if not prompt and not suffix:
         return JSONResponse(await _load_or_unload(request, lm, body.get("keep_alive"), {
             "model": name, "created_at": _now(), "response": "", "done": True}))
     try:
         m = lm.model
-        if raw:
+        if suffix:  # fill-in-the-middle: the model's FIM tokens, no template (infill.py)
+            ids = infill_ids(lm, name, prompt, suffix)
+        elif raw:
             ids = m.prompt_ids(prompt)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            ids = chat_prompt_ids(lm, messages, instruction=json_instruction(schema) if want_json else None,
-                                  template=template)
-        if context:
+            ids = chat_prompt_ids(lm, messages, instruction=fmt.instruction() if fmt else None, template=template)
+        if context and not suffix:
             if ids and ids[0] == m.tokenizer.bos_id:
                 ids = ids[1:]  # the context already starts the sequence
             ids = list(context) + ids
-        options = build_options(lm, sampling, max_tokens, stop)
+        options = build_options(lm, sampling, max_tokens, stop, await fmt.constraint(lm) if fmt else None)
         gen = Generation(lm, ids, options, state.metrics, logprobs)
     except BaseException:
         state.manager.release(lm)
         raise
     run = _Run(request, lm, gen, started, load_seconds)
 
-    scanner = JSONScanner() if want_json else None
-
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        async for d in deltas(gen, scanner):
+        async for d in deltas(gen):
             if d.text or d.logprobs:
                 obj: dict[str, Any] = {"model": name, "created_at": _now(), "response": d.text, "done": False}
                 if d.logprobs:
-                    obj["logprobs"] = _logprob_entries(lm, d)
+                    obj["logprobs"] = logprob_entries(lm, d)
                 yield obj
             if d.finished:  # as Ollama: the last object carries no text, only the outcome and the stats
                 final: dict[str, Any] = {"model": name, "created_at": _now(), "response": "", "done": True,
@@ -355,7 +234,7 @@ async def generate(request: Request) -> Response:
                 final.update(_final_stats(gen, started, load_seconds))
                 yield final
 
-    return await _respond(run, stream, chunks(), scanner)
+    return await _respond(run, stream, chunks(), fmt)
 
 
 def _messages(raw: Any) -> list[dict[str, Any]]:
@@ -392,10 +271,10 @@ async def chat(request: Request) -> Response:
     tools = body.get("tools") or None
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "'tools' must be a list")
-    stream = _flag(body, "stream", True)
-    sampling, max_tokens, stop, num_ctx = parse_options(body.get("options"))
-    want_json, schema = parse_format(body.get("format"))
-    logprobs = parse_logprobs(body)
+    stream = flag(body, "stream", True)
+    sampling, max_tokens, stop, num_ctx = parse_ollama_options(body.get("options"))
+    fmt = parse_ollama_format(body.get("format"))
+    logprobs = parse_ollama_logprobs(body)
     template = _template_override(body)
 
     started = time.monotonic()
@@ -404,19 +283,18 @@ async def chat(request: Request) -> Response:
         return JSONResponse(await _load_or_unload(request, lm, body.get("keep_alive"), {
             "model": name, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True}))
     try:
-        ids = chat_prompt_ids(lm, messages, tools, json_instruction(schema) if want_json else None, template)
-        gen = Generation(lm, ids, build_options(lm, sampling, max_tokens, stop), state.metrics, logprobs)
+        ids = chat_prompt_ids(lm, messages, tools, fmt.instruction() if fmt else None, template)
+        options = build_options(lm, sampling, max_tokens, stop, await fmt.constraint(lm) if fmt else None)
+        gen = Generation(lm, ids, options, state.metrics, logprobs)
     except BaseException:
         state.manager.release(lm)
         raise
     run = _Run(request, lm, gen, started, load_seconds)
 
-    scanner = JSONScanner() if want_json else None
-
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         parser = ToolCallParser(tools) if tools else None
         ncalls = 0
-        async for d in deltas(gen, scanner, parser):
+        async for d in deltas(gen, parser):
             if d.text or d.tool_calls or d.logprobs:
                 message: dict[str, Any] = {"role": "assistant", "content": d.text}
                 if d.tool_calls:
@@ -424,7 +302,7 @@ async def chat(request: Request) -> Response:
                     ncalls += len(d.tool_calls)
                 obj: dict[str, Any] = {"model": name, "created_at": _now(), "message": message, "done": False}
                 if d.logprobs:
-                    obj["logprobs"] = _logprob_entries(lm, d)
+                    obj["logprobs"] = logprob_entries(lm, d)
                 yield obj
             if d.finished:
                 final: dict[str, Any] = {"model": name, "created_at": _now(),
@@ -433,7 +311,7 @@ async def chat(request: Request) -> Response:
                 final.update(_final_stats(gen, started, load_seconds))
                 yield final
 
-    return await _respond(run, stream, chunks(), scanner)
+    return await _respond(run, stream, chunks(), fmt)
 
 
 async def embed(request: Request) -> Response:
@@ -445,38 +323,19 @@ async def embed(request: Request) -> Response:
         inputs = [inputs]
     if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
         raise APIError(400, "'input' must be a string or a list of strings")
-    truncate = _flag(body, "truncate", False)  # Ollama defaults to true; Ember never truncates unasked
+    truncate = flag(body, "truncate", False)  # Ollama defaults to true; Ember never truncates unasked
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
         raise APIError(400, "'dimensions' must be a positive integer")
-    _, _, _, num_ctx = parse_options(body.get("options"))
+    _, _, _, num_ctx = parse_ollama_options(body.get("options"))
     started = time.monotonic()
     lm, load_seconds = await _acquire(request, name, body.get("keep_alive"), num_ctx)
     try:
-        vectors, count = await until_disconnect(request, lambda: _embed_all(lm, inputs, truncate, dims))
+        vectors, count = await until_disconnect(request, lambda: embed_all(lm, inputs, truncate, dims))
     finally:
         state.manager.release(lm)
     return JSONResponse({"model": name, "embeddings": vectors, "total_duration": _ns(time.monotonic() - started),
                          "load_duration": _ns(load_seconds), "prompt_eval_count": count})
-
-
-async def _embed_all(lm: LoadedModel, inputs: list[Any], truncate: bool, dims: int | None
-                     ) -> tuple[list[list[float]], int]:
-    vectors, total = [], 0
-    for item in inputs:
-        vec, n = await anyio.to_thread.run_sync(lm.embed, item, truncate)
-        if dims is not None:
-            vec = _shorten(vec, dims)
-        vectors.append(vec)
-        total += n
-    return vectors, total
-
-
-def _shorten(vec: list[float], dims: int) -> list[float]:
-    """First `dims` components, renormalized (Matryoshka-style, as Ollama and OpenAI's `dimensions`)."""
-    head = vec[:dims]
-    norm = sum(x * x for x in head) ** 0.5 or 1.0
-    return [x / norm for x in head]
 
 
 async def embeddings(request: Request) -> Response:
@@ -487,7 +346,7 @@ async def embeddings(request: Request) -> Response:
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise APIError(400, "'prompt' must be a string")
-    _, _, _, num_ctx = parse_options(body.get("options"))
+    _, _, _, num_ctx = parse_ollama_options(body.get("options"))
     lm, _ = await _acquire(request, name, body.get("keep_alive"), num_ctx)
     try:
         if not prompt:
@@ -520,81 +379,6 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": out})
 
 
-async def show(request: Request) -> Response:
-    state = request.app.state
-    body = await read_json(request, state.config.max_request_bytes)
-    name = model_field(body)
-    verbose = _flag(body, "verbose", False)
-    key = state.manager.canonical(name)
-    return JSONResponse(await anyio.to_thread.run_sync(_show, state.manager, key, verbose))
-
-
-def _show(manager: Any, key: str, verbose: bool) -> dict[str, Any]:
-    from ember.gguf import open_gguf
-    from ember.store import _looks_like_path, resolve_model
-    from ember.store.manifests import read_manifest
-    from ember.store.names import parse_name
-    from ember.tokenizer.chat_template import select_template
-
-    spec = manager.specs.get(key)
-    source = spec.source if spec else key
-    if not _looks_like_path(source) and read_manifest(parse_name(source)) is None:
-        raise ModelNotFoundError(f"model '{key}' not found")  # show never pulls
-    r = resolve_model(source)
-    with open_gguf(r.path) as f:
-        md = f.metadata
-        arch = f.architecture
-        template = spec.template if spec and spec.template else r.template
-        if not template:
-            template = select_template(md, arch).source
-        info: dict[str, Any] = {}
-        for k, v in md.items():
-            if isinstance(v, (bytes, bytearray)):
-                continue
-            if hasattr(v, "tolist"):  # numpy arrays and scalars
-                v = v.tolist()
-            if isinstance(v, (list, tuple)):
-                v = [x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in v] if verbose else []
-            info[k] = v  # token tables are large: listed only with verbose, as Ollama does
-        n_params = sum(t.n_elements for t in f.tensors.values())
-        info.setdefault("general.parameter_count", n_params)
-        types: dict[str, int] = {}
-        for t in f.tensors.values():
-            types[t.type_name] = types.get(t.type_name, 0) + t.n_elements
-    from ember.api import _file_type_name
-    from ember.server.models import human_count
-    from ember.tokenizer.chat_template import ChatTemplate
-
-    system = spec.system if spec and spec.system is not None else r.system
-    params = {**r.params, **(dict(spec.parameters) if spec else {})}
-    capabilities = ["completion"]
-    try:
-        if ChatTemplate(template).supports_tools:
-            capabilities.append("tools")
-    except EmberError:
-        pass
-    modelfile = ["# Modelfile generated by \"ember show\"", f"FROM {r.path}", f'TEMPLATE """{template}"""']
-    if system:
-        modelfile.append(f'SYSTEM """{system}"""')
-    modelfile += [f"PARAMETER {k} {v}" for k, v in params.items()]
-    out: dict[str, Any] = {
-        "modelfile": "\n".join(modelfile) + "\n",
-        "parameters": "\n".join(f"{k:<30} {v}" for k, v in params.items()),
-        "template": template,
-        "details": {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
-                    "parameter_size": human_count(n_params),
-                    "quantization_level": _file_type_name(md.get("general.file_type"), types)},
-        "model_info": info,
-        "capabilities": capabilities,
-        "modified_at": rfc3339(Path(r.path).stat().st_mtime),
-    }
-    if system:
-        out["system"] = system
-    if r.license_path is not None:
-        out["license"] = r.license_path.read_text(encoding="utf-8", errors="replace")
-    return out
-
-
 async def version(request: Request) -> Response:
     return JSONResponse({"version": __version__})
 
@@ -610,4 +394,4 @@ ROUTES = [
     ("/api/version", ["GET"], version),
 ]
 
-__all__ = ["ROUTES", "ClientGone", "model_field", "parse_options"]
+__all__ = ["ROUTES", "ClientGone", "model_field"]

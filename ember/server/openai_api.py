@@ -8,25 +8,26 @@ Request fields -> Ember:
 | stop                                 | GenerationOptions.stop               | string or up to 4 strings                     |
 | temperature (0..2, default 1)        | SamplingParams.temperature           | top_k/repeat_penalty keep the model defaults  |
 | top_p (default 1)                    | SamplingParams.top_p                 |                                               |
-| presence_penalty, frequency_penalty  | SamplingParams (same names, -2..2)   |                                               |
+| presence_penalty, frequency_penalty  | SamplingParams (same names, -2..2)   | parsed in options.py                          |
 | logit_bias {"token id": -100..100}   | SamplingParams.logit_bias            | added to the logits                           |
 | seed                                 | SamplingParams.seed                  | choice i of n uses seed + i                   |
 | logprobs, top_logprobs (0..20)       | Engine.add_request(logprobs=n)       | model's raw distribution                      |
 | n                                    | n requests, one after another        | at most 16                                    |
-| response_format json_object / schema | instruction + generation.JSONScanner | not grammar-constrained                       |
+| response_format json_object / schema | json_format.py: grammar-constrained  | schema subset: ember/grammar/json_schema.py   |
 | tools, tool_choice                   | chat template `tools` + tool_calls   | "none" disables; others behave as "auto"      |
 | stream, stream_options.include_usage | SSE chunks, usage chunk, [DONE]      |                                               |
 
-A prompt longer than the context is a 400 with code context_length_exceeded (never truncated).
+A prompt longer than the context is a 400 with code context_length_exceeded (never truncated). `suffix` in
+/v1/completions is fill-in-the-middle for models with FIM tokens (infill.py), else a 400.
 """
 from __future__ import annotations
 
 import base64
 import json
-import math
 import secrets
 import struct
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 import anyio
@@ -35,27 +36,34 @@ from starlette.responses import JSONResponse, Response
 
 from ember.engine.generator import GenerationOptions
 from ember.errors import ModelNotFoundError
+from ember.server.embedding import embed_all
 from ember.server.errors import APIError, as_api_error, error_body
 from ember.server.generation import (
-    JSON_VALID_HEADER,
     Delta,
     Generation,
-    JSONScanner,
-    StreamResponse,
-    build_options,
     chat_prompt_ids,
     check_prompt,
     deltas,
-    json_instruction,
-    read_json,
-    sse,
+    logprob_entries,
     token_piece,
-    until_disconnect,
 )
+from ember.server.infill import infill_ids
+from ember.server.json_format import valid_header
 from ember.server.models import LoadedModel, installed_models
+from ember.server.openai_messages import openai_messages, openai_tools
+from ember.server.options import (
+    build_options,
+    openai_bool,
+    openai_int,
+    openai_stop,
+    parse_include_usage,
+    parse_openai_sampling,
+    parse_response_format,
+    read_json,
+)
+from ember.server.streaming import SSE, StreamResponse, sse, until_disconnect
 from ember.server.tool_calls import ToolCall, ToolCallParser
 
-SSE = "text/event-stream"
 FINGERPRINT = "fp_ember"
 MAX_N = 16
 
@@ -66,170 +74,6 @@ def _model(body: dict[str, Any]) -> str:
     if not isinstance(name, str) or not name.strip():
         raise APIError(400, "you must provide a model parameter", param="model")
     return name
-
-
-def _int(body: dict[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise APIError(400, f"'{key}' must be an integer {bounds}, got {value!r}", param=key)
-    return value
-
-
-def _real(body: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
-        raise APIError(400, f"'{key}' must be a number between {lo:g} and {hi:g}, got {value!r}", param=key)
-    return float(value)
-
-
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{key}' must be a boolean", param=key)
-    return value
-
-
-def _stop(body: dict[str, Any]) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
-    return [s for s in stops if s]
-
-
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "temperature": _real(body, "temperature", 0.0, 2.0),
-        "top_p": _real(body, "top_p", 0.0, 1.0),
-        "presence_penalty": _real(body, "presence_penalty", -2.0, 2.0),
-        "frequency_penalty": _real(body, "frequency_penalty", -2.0, 2.0),
-        "seed": body.get("seed"),
-    }
-    # OpenAI's defaults for what it defines (Ollama's OpenAI layer does the same).
-    out["temperature"] = 1.0 if out["temperature"] is None else out["temperature"]
-    out["top_p"] = 1.0 if out["top_p"] is None else out["top_p"]
-    seed = out["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "'seed' must be an integer", param="seed")
-    if seed is not None:
-        out["seed"] = seed % (1 << 64)  # OpenAI accepts any int64
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise APIError(400, "'logit_bias' must map token ids to numbers", param="logit_bias")
-        parsed = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise APIError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias[{key}] must be a number between -100 and 100",
-                               param="logit_bias")
-            parsed[token] = float(value)
-        out["logit_bias"] = parsed
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _response_format(body: dict[str, Any]) -> tuple[bool, Any]:
-    rf = body.get("response_format")
-    if rf is None:
-        return False, None
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text":
-        return False, None
-    if kind == "json_object":
-        return True, None
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        return True, spec.get("schema") if isinstance(spec, dict) else None
-    raise APIError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
-                   param="response_format")
-
-
-def _include_usage(body: dict[str, Any], stream: bool) -> bool:
-    opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not stream:
-        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    if not isinstance(opts, dict):
-        raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    return bool(opts.get("include_usage"))
-
-
-def _text_content(content: Any, where: str) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"{where}: content parts of type {kind!r} are not supported (text only)",
-                               param="messages")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise APIError(400, f"{where}.content must be a string or a list of text parts", param="messages")
-
-
-def _messages(raw: Any) -> list[dict[str, Any]]:
-    if not isinstance(raw, list) or not raw:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, msg in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise APIError(400, f"{where} must be an object with a 'role'", param="messages")
-        role = "system" if msg["role"] == "developer" else msg["role"]
-        if role not in ("system", "user", "assistant", "tool", "function"):
-            raise APIError(400, f"{where}.role {msg['role']!r} is not one of system, developer, user, "
-                                f"assistant, tool", param="messages")
-        m: dict[str, Any] = {"role": role, "content": _text_content(msg.get("content"), where) or ""}
-        calls = msg.get("tool_calls")
-        if calls:
-            if not isinstance(calls, list):
-                raise APIError(400, f"{where}.tool_calls must be a list", param="messages")
-            converted = []
-            for call in calls:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise APIError(400, f"{where}.tool_calls entries need function.name", param="messages")
-                args = fn.get("arguments") or "{}"
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
-                    raise APIError(400, f"{where}.tool_calls arguments are not JSON", param="messages") from None
-                # Templates (HF convention) expect arguments as an object.
-                converted.append({"id": call.get("id"), "type": "function",
-                                  "function": {"name": fn["name"], "arguments": args}})
-            m["tool_calls"] = converted
-        for key in ("tool_call_id", "name"):
-            if isinstance(msg.get(key), str):
-                m[key] = msg[key]
-        out.append(m)
-    return out
-
-
-def _tools(body: dict[str, Any]) -> list | None:
-    tools = body.get("tools")
-    if not tools:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise APIError(400, "'tools' must be a list of tool objects", param="tools")
-    if body.get("tool_choice") == "none":
-        return None
-    return tools
 
 
 # -- running n choices ------------------------------------------------------------------------------------------
@@ -247,7 +91,6 @@ class _Choices:
         self.logprobs = logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
-        self.scanners: list[JSONScanner] = []
         self._closed = False
         for ids in prompts:
             check_prompt(lm, ids)
@@ -259,20 +102,15 @@ class _Choices:
         options = self.options
         seed = options.sampling.seed
         if seed is not None and index % self.n:
-            from dataclasses import replace
-
             options = replace(options, sampling=replace(options.sampling, seed=(seed + index % self.n) % (1 << 64)))
         return Generation(self.lm, self.prompts[index // self.n], options, self.request.app.state.metrics,
                           self.logprobs)
 
-    async def run(self, json_mode: bool, tools: list | None) -> AsyncIterator[tuple[int, Delta, Generation]]:
+    async def run(self, tools: list | None) -> AsyncIterator[tuple[int, Delta, Generation]]:
         for index in range(len(self.prompts) * self.n):
             gen = self.current if index == 0 and self.current is not None else self._start(index)
             self.current = gen
-            scanner = JSONScanner() if json_mode else None
-            if scanner is not None:
-                self.scanners.append(scanner)
-            async for d in deltas(gen, scanner, ToolCallParser(tools) if tools else None):
+            async for d in deltas(gen, ToolCallParser(tools) if tools else None):
                 if d.finished:
                     self.completion_tokens += int(gen.stats()["generated_tokens"])
                 yield index, d, gen
@@ -293,18 +131,6 @@ def _finish_reason(d: Delta, had_calls: bool) -> str:
     if had_calls:
         return "tool_calls"
     return "length" if d.finish_reason == "length" else "stop"
-
-
-def _chat_logprobs(lm: LoadedModel, d: Delta) -> list[dict[str, Any]]:
-    out = []
-    for token, logprob, top in d.logprobs:
-        text, raw = token_piece(lm, token)
-        alts = []
-        for tid, lp in top:
-            t, b = token_piece(lm, tid)
-            alts.append({"token": t, "logprob": lp, "bytes": b})
-        out.append({"token": text, "logprob": logprob, "bytes": raw, "top_logprobs": alts})
-    return out
 
 
 def _call_objects(calls: list[ToolCall], start: int, stream: bool) -> list[dict[str, Any]]:
@@ -331,27 +157,28 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     body = await read_json(request, state.config.max_request_bytes)
     name = _model(body)
-    messages = _messages(body.get("messages"))
-    stream = _bool(body, "stream")
-    include_usage = _include_usage(body, stream)
-    n = _int(body, "n", 1, MAX_N) or 1
-    max_tokens = _int(body, "max_completion_tokens", 1)
+    messages = openai_messages(body.get("messages"))
+    stream = openai_bool(body, "stream")
+    include_usage = parse_include_usage(body, stream)
+    n = openai_int(body, "n", 1, MAX_N) or 1
+    max_tokens = openai_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
-    want_logprobs = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", 0, 20)
+        max_tokens = openai_int(body, "max_tokens", 1)
+    want_logprobs = openai_bool(body, "logprobs")
+    top = openai_int(body, "top_logprobs", 0, 20)
     if top is not None and not want_logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
-    json_mode, schema = _response_format(body)
-    tools = _tools(body)
-    sampling = _sampling(body)
-    stop = _stop(body)
+    fmt = parse_response_format(body)
+    tools = openai_tools(body)
+    sampling = parse_openai_sampling(body)
+    stop = openai_stop(body)
 
     lm = await _acquire(request, name)
     try:
-        ids = chat_prompt_ids(lm, messages, tools, json_instruction(schema) if json_mode else None)
-        choices = _Choices(request, lm, [ids], build_options(lm, sampling, max_tokens, stop), n, logprobs)
+        ids = chat_prompt_ids(lm, messages, tools, fmt.instruction() if fmt else None)
+        options = build_options(lm, sampling, max_tokens, stop, await fmt.constraint(lm) if fmt else None)
+        choices = _Choices(request, lm, [ids], options, n, logprobs)
     except BaseException:
         state.manager.release(lm)
         raise
@@ -372,11 +199,11 @@ async def chat_completions(request: Request) -> Response:
             try:
                 announced: set[int] = set()
                 ncalls: dict[int, int] = {}
-                async for index, d, gen in choices.run(json_mode, tools):
+                async for index, d, gen in choices.run(tools):
                     if index not in announced:
                         announced.add(index)
                         yield chunk(index, {"role": "assistant", "content": ""})
-                    lp = {"content": _chat_logprobs(lm, d), "refusal": None} if d.logprobs else None
+                    lp = {"content": logprob_entries(lm, d), "refusal": None} if d.logprobs else None
                     if d.text or lp:
                         yield chunk(index, {"content": d.text}, None, lp)
                     if d.tool_calls:
@@ -395,12 +222,12 @@ async def chat_completions(request: Request) -> Response:
 
     async def collect() -> list[dict[str, Any]]:
         results: dict[int, dict[str, Any]] = {}
-        async for index, d, gen in choices.run(json_mode, tools):
+        async for index, d, gen in choices.run(tools):
             r = results.setdefault(index, {"text": [], "calls": [], "logprobs": []})
             r["text"].append(d.text)
             r["calls"] += d.tool_calls
             if d.logprobs:
-                r["logprobs"] += _chat_logprobs(lm, d)
+                r["logprobs"] += logprob_entries(lm, d)
             if d.finished:
                 r["finish"] = _finish_reason(d, bool(r["calls"]))
         out = []
@@ -420,7 +247,7 @@ async def chat_completions(request: Request) -> Response:
         result = await until_disconnect(request, collect)
     finally:
         choices.close()
-    headers = {JSON_VALID_HEADER: str(all(s.valid() for s in choices.scanners)).lower()} if json_mode else None
+    headers = valid_header([c["message"]["content"] or "" for c in result]) if fmt else None
     return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": name,
                          "system_fingerprint": FINGERPRINT, "choices": result, "usage": choices.usage()},
                         headers=headers)
@@ -462,29 +289,31 @@ async def completions(request: Request) -> Response:
     if "prompt" not in body:
         raise APIError(400, "you must provide a prompt", param="prompt")
     prompts = _prompts(body.get("prompt"))
-    if body.get("suffix"):
-        raise APIError(400, "'suffix' is not supported (fill-in-the-middle needs a model trained for it)",
-                       param="suffix")
-    stream = _bool(body, "stream")
-    include_usage = _include_usage(body, stream)
-    n = _int(body, "n", 1, MAX_N) or 1
-    best_of = _int(body, "best_of", 1, MAX_N)
+    suffix = body.get("suffix") or ""
+    if not isinstance(suffix, str):
+        raise APIError(400, "'suffix' must be a string", param="suffix")
+    stream = openai_bool(body, "stream")
+    include_usage = parse_include_usage(body, stream)
+    n = openai_int(body, "n", 1, MAX_N) or 1
+    best_of = openai_int(body, "best_of", 1, MAX_N)
     if best_of is not None and best_of != n:
         raise APIError(400, "'best_of' other than n is not supported", param="best_of")
-    max_tokens = _int(body, "max_tokens", 0)
+    max_tokens = openai_int(body, "max_tokens", 0)
     max_tokens = 16 if max_tokens is None else max_tokens  # OpenAI's default for this endpoint
-    logprobs = _int(body, "logprobs", 0, 5)
-    echo = _bool(body, "echo")
+    logprobs = openai_int(body, "logprobs", 0, 5)
+    echo = openai_bool(body, "echo")
     if echo and logprobs is not None:
         raise APIError(400, "'echo' with 'logprobs' is not supported (prompt logprobs)", param="echo")
-    sampling = _sampling(body)
-    stop = _stop(body)
+    sampling = parse_openai_sampling(body)
+    stop = openai_stop(body)
 
     lm = await _acquire(request, name)
     try:
         m = lm.model
-        # Raw continuation, no template: special-token text is parsed, BOS added as the model wants.
-        ids_list = [m.prompt_ids(p) if isinstance(p, str) else p for p in prompts]
+        if suffix:  # fill-in-the-middle between each prompt and the suffix (infill.py)
+            ids_list = [infill_ids(lm, name, p, suffix) for p in prompts]
+        else:  # raw continuation, no template: special-token text is parsed, BOS added as the model wants
+            ids_list = [m.prompt_ids(p) if isinstance(p, str) else p for p in prompts]
         choices = _Choices(request, lm, ids_list, build_options(lm, sampling, max_tokens, stop), n, logprobs)
     except BaseException:
         state.manager.release(lm)
@@ -506,7 +335,7 @@ async def completions(request: Request) -> Response:
 
             try:
                 offsets: dict[int, int] = {}
-                async for index, d, gen in choices.run(False, None):
+                async for index, d, gen in choices.run(None):
                     text = d.text
                     if index not in offsets:
                         offsets[index] = 0
@@ -529,7 +358,7 @@ async def completions(request: Request) -> Response:
 
     async def collect() -> list[dict[str, Any]]:
         results: dict[int, dict[str, Any]] = {}
-        async for index, d, gen in choices.run(False, None):
+        async for index, d, gen in choices.run(None):
             r = results.setdefault(index, {"text": [texts[index // n]] if echo else [], "offset": 0,
                                            "lp": {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                                   "text_offset": []}})
@@ -565,22 +394,10 @@ async def embeddings(request: Request) -> Response:
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    dims = _int(body, "dimensions", 1)
+    dims = openai_int(body, "dimensions", 1)
     lm = await _acquire(request, name)
     try:
-        async def work() -> tuple[list[list[float]], int]:
-            vectors, total = [], 0
-            for item in inputs:
-                vec, count = await anyio.to_thread.run_sync(lm.embed, item, False)
-                if dims is not None:
-                    head = vec[:dims]
-                    norm = math.sqrt(sum(x * x for x in head)) or 1.0
-                    vec = [x / norm for x in head]
-                vectors.append(vec)
-                total += count
-            return vectors, total
-
-        vectors, total = await until_disconnect(request, work)
+        vectors, total = await until_disconnect(request, lambda: embed_all(lm, inputs, False, dims))
     finally:
         state.manager.release(lm)
     data = []

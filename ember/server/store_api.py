@@ -38,8 +38,8 @@ from starlette.responses import JSONResponse, Response
 
 from ember.errors import EmberError, ModelNotFoundError
 from ember.server.errors import APIError, as_api_error
-from ember.server.generation import StreamResponse, ndjson, read_json
-from ember.server.ollama_api import NDJSON, model_field
+from ember.server.options import flag, model_field, read_json
+from ember.server.streaming import ndjson_stream
 from ember.store import create as store_create
 from ember.store import registry
 from ember.store.blobs import check_digest, has_blob
@@ -70,15 +70,6 @@ def _full(name: ModelName) -> str:
     # The fully qualified spelling: create's FROM would take a bare word that happens to be a file in the
     # server's working directory for a path.
     return f"{name.host}/{name.namespace}/{name.model}:{name.tag}"
-
-
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{key}' must be true or false")
-    return value
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:
@@ -193,21 +184,20 @@ async def _progress(request: Request, stream: bool, work: Callable[[Callable[[Ev
     if not stream:
         return JSONResponse({"status": "success"})
 
-    async def body() -> AsyncIterator[bytes]:
+    async def events() -> AsyncIterator[Event]:
         item = first
         try:
             while item is not _DONE:
                 if isinstance(item, BaseException):
-                    yield ndjson({"error": _store_error(item).message})
-                    return
-                yield ndjson(item)
+                    raise item  # ndjson_stream's final {"error"} line
+                yield item
                 item = await queue.get()
                 if item is _DONE and after is not None:
                     await after()
         finally:
             gone.set()  # a client that left mid-stream stops the worker at its next progress event
 
-    return StreamResponse(body(), NDJSON, on_close=gone.set)
+    return ndjson_stream(events(), lambda e: _store_error(e).message, on_close=gone.set)
 
 
 async def _forget(request: Request, name: ModelName) -> None:
@@ -222,8 +212,8 @@ async def _forget(request: Request, name: ModelName) -> None:
 async def _transfer(request: Request, op: Callable[..., Any]) -> Response:
     body = await read_json(request, request.app.state.config.max_request_bytes)
     name = _name(model_field(body))
-    insecure = _flag(body, "insecure", False)
-    stream = _flag(body, "stream", True)
+    insecure = flag(body, "insecure", False)
+    stream = flag(body, "stream", True)
     after = (lambda: _forget(request, name)) if op is registry.pull else None
     return await _progress(request, stream, lambda progress: op(name.display, insecure=insecure, progress=progress),
                            after)
@@ -245,7 +235,7 @@ async def create(request: Request) -> Response:
     except ModelfileError as e:  # a bad Modelfile or parameter is the client's fault, not a 500
         raise APIError(400, str(e)) from None
     quantize = _text(body, "quantize") or None
-    stream = _flag(body, "stream", True)
+    stream = flag(body, "stream", True)
     return await _progress(
         request, stream,
         lambda progress: store_create.create(name.display, mf, quantize=quantize, progress=progress),
