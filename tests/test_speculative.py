@@ -358,3 +358,60 @@ def test_speculation_under_memory_pressure_and_prefix_sharing(tiny):
     assert engine.stats().prefix_hit_tokens > 0
     assert engine.scheduler.block_manager.stats().num_used == 0
     assert engine.draft is not None and engine.draft.blocks.stats().num_used == 0
+
+
+# --- real models, server --------------------------------------------------------------------------------
+
+def _summary_prompt(m, n_doc_tokens: int) -> list[int]:
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "fixtures" / "gpl3.txt").read_text()
+    doc = m.tokenizer.decode(m.tokenizer.encode(text, add_special=False)[:n_doc_tokens])
+    msgs = [{"role": "user", "content": "Summarize the following document.\n\n" + doc}]
+    return m.prompt_ids(m.template.render(msgs, add_generation_prompt=True))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_reference_models_greedy_identical_with_each_method(name, smollm2_path, gemma3_path):
+    path = smollm2_path if name == "smollm2" else gemma3_path
+    m = ember.load(path, n_ctx=1024)
+    ids = _summary_prompt(m, 300)
+    greedy = GenerationOptions(max_tokens=48, sampling=SamplingParams(temperature=0))  # default penalties
+    cfg = dict(max_model_len=1024, kv_cache_bytes=64 << 20)
+    (base,) = run_all(Engine(m.model, m.tokenizer, EngineConfig(**cfg)), [ids], [greedy])
+    ngram = Engine(m.model, m.tokenizer, EngineConfig(**cfg, speculative=SpeculativeConfig("ngram", 6)))
+    draft = Engine(m.model, m.tokenizer, EngineConfig(**cfg, speculative=SpeculativeConfig("draft", 4)),
+                   draft_model=m.model)
+    for engine in (ngram, draft):
+        (got,) = run_all(engine, [ids], [greedy])
+        assert got.ids == base.ids
+        assert engine.stats().spec_steps > 0
+    assert draft.stats().spec_accepted / draft.stats().spec_drafted > 0.9  # the model drafting for itself
+
+
+@pytest.mark.model
+def test_server_speculates_with_ollama_options_and_reports_metrics(smollm2_path):
+    import httpx
+    import ollama
+
+    from ember.server.app import ServerConfig, start_in_thread
+
+    srv = start_in_thread(ServerConfig(threads=1, max_loaded=1, speculative="ngram", access_log=False))
+    try:
+        client = ollama.Client(host=srv.url)
+        prompt = "red green blue yellow, " * 4 + "red green"  # raw continuation: a pattern to copy
+        plain = client.generate(model="smollm2", prompt=prompt, raw=True,
+                                options={"temperature": 0, "num_predict": 40, "draft_num_predict": 0})
+        spec = client.generate(model="smollm2", prompt=prompt, raw=True,
+                               options={"temperature": 0, "num_predict": 40, "draft_num_predict": 6})
+        assert spec.response == plain.response and spec.eval_count == plain.eval_count
+        metrics = httpx.get(srv.url + "/metrics").text
+        drafted = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("ember_speculative_draft_tokens{")]
+        assert drafted and drafted[0] > 0
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="smollm2", prompt="hi", options={"draft_num_predict": 99})
+        assert e.value.status_code == 400 and "draft_num_predict" in str(e.value)
+    finally:
+        srv.stop()

@@ -22,6 +22,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                                        "(default 127.0.0.1:11434).")
     serve.add_argument("--host", metavar="HOST[:PORT]", help="listen address (overrides EMBER_HOST)")
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads (overrides EMBER_NUM_THREADS)")
+    serve.add_argument("--speculative", choices=("none", "ngram", "draft"),
+                       help="speculative decoding for every model (overrides EMBER_SPECULATIVE; default: draft "
+                            "for models with a DRAFT, else none)")
     serve.set_defaults(handler=serve_command)
 
     ps = sub.add_parser("ps", parents=parents, help="list the models a running server has loaded",
@@ -44,6 +47,8 @@ def serve_command(args: argparse.Namespace) -> int:
         overrides["host"], overrides["port"] = parse_host(args.host)
     if args.threads:
         overrides["threads"] = args.threads
+    if args.speculative:
+        overrides["speculative"] = args.speculative
     config = ServerConfig.from_env(**overrides)
     # Bind first so a busy port is one clear line, not a server log.
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

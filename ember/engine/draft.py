@@ -7,16 +7,21 @@ sequences runs k passes of the draft model:
          last token or two afterwards) and drafts d1 greedily from its last row;
   pass j feeds d_{j-1} and drafts d_j.
 Drafting greedily makes the proposal deterministic (a point mass), which ember.engine.speculative.accept's
-rejection rule assumes. After the main model verifies, `rollback` keeps the draft's KV only for positions
+rejection rule assumes. The draft's argmax is taken after the request's logit bias and repetition penalties
+(over its history plus the drafts so far), the stages of the sampling chain that can move the argmax, so a
+draft of the same model proposes exactly what greedy decoding with penalties would pick. After the main model verifies, `rollback` keeps the draft's KV only for positions
 whose tokens were accepted.
 """
 from __future__ import annotations
 
 from typing import Sequence as SequenceT
 
+import torch
+
 from ember.engine.block_manager import BlockManager
 from ember.engine.paged_cache import PagedKVCache
 from ember.engine.runner import Runner
+from ember.engine.sampler import BatchParams, SamplingParams, apply_logit_bias, apply_repetition_penalties, penalty_windows
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
@@ -31,6 +36,7 @@ class _DraftState:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.token_ids: list[int] = []
+        self.params: SamplingParams | None = None  # the request's, for its penalties and bias
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
@@ -51,17 +57,18 @@ class DraftProposer:
         self.max_positions = c.n_ctx_train
         self._states: dict[int, _DraftState] = {}
 
-    def propose(self, wants: SequenceT[tuple[Sequence, int]]) -> dict[int, list[int]]:
-        """Greedy drafts of up to k tokens for each (sequence, k). A sequence the draft pool or context cannot
-        hold gets no draft (and its state is dropped) rather than failing the step."""
+    def propose(self, wants: SequenceT[tuple[Sequence, int, SamplingParams]]) -> dict[int, list[int]]:
+        """Greedy drafts of up to k tokens for each (sequence, k, its sampling params). A sequence the draft
+        pool or context cannot hold gets no draft (and its state is dropped) rather than failing the step."""
         states: dict[int, tuple[_DraftState, int]] = {}
-        for seq, k in wants:
+        for seq, k, params in wants:
             if k < 1 or seq.num_tokens + k > self.max_positions:
                 continue
             st = self._states.get(seq.seq_id)
             if st is None:
                 st = self._states[seq.seq_id] = _DraftState(seq.seq_id)
             st.token_ids = list(seq.token_ids)
+            st.params = params
             st.num_computed_tokens = min(st.num_computed_tokens, seq.num_tokens - 1)
             self.blocks.trim(st)  # type: ignore[arg-type]
             states[seq.seq_id] = (st, k)
@@ -107,15 +114,27 @@ class DraftProposer:
 
     def _run(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
         logits = self.runner.execute(batch)
-        row = 0
+        sampling = batch.sampling
+        tokens = self._argmax(logits, [e.seq for e in sampling]) if sampling else []
         for e in batch.scheduled:
-            st = e.seq
-            st.num_computed_tokens += e.num_tokens
-            if e.samples:
-                token = int(logits[row].argmax())
-                row += 1
-                drafts[st.seq_id].append(token)
-                st.token_ids.append(token)
+            e.seq.num_computed_tokens += e.num_tokens
+        for e, token in zip(sampling, tokens):
+            drafts[e.seq.seq_id].append(token)
+            e.seq.token_ids.append(token)
+
+    @staticmethod
+    def _argmax(logits: torch.Tensor, states: list) -> list[int]:
+        params = [st.params or SamplingParams(temperature=0) for st in states]
+        if not any(p.penalizes or p.logit_bias for p in params):
+            return logits.argmax(-1).tolist()
+        bp = BatchParams.from_params(params, logits.shape[-1])
+        x = logits.float()
+        if bp.any_bias:
+            x = apply_logit_bias(x, bp.bias_ids, bp.bias_values)
+        if bp.any_penalty:
+            window = penalty_windows([st.token_ids for st in states], bp.repeat_last_n)
+            x = apply_repetition_penalties(x, window, bp.repeat_penalty, bp.presence_penalty, bp.frequency_penalty)
+        return x.argmax(-1).tolist()
 
     def rollback(self, seq_id: int, valid: int) -> None:
         """The main sequence's tokens at positions < valid are final: keep the draft KV only up to there."""

@@ -334,10 +334,10 @@ class Engine:
                 req.ngram.sync(seq.token_ids)
                 seq.draft_token_ids = req.ngram.propose(k)
             else:
-                wants.append((seq, k))
+                wants.append((seq, k, req.sampler.params))
         if wants and self.draft is not None:
             drafts = self.draft.propose(wants)
-            for seq, _ in wants:
+            for seq, _, _ in wants:
                 seq.draft_token_ids = drafts.get(seq.seq_id, [])
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:

@@ -15,6 +15,7 @@ Configuration (environment, read by ServerConfig.from_env):
 | EMBER_NUM_THREADS         | Ember's default      | torch threads                                            |
 | EMBER_CONTEXT_LENGTH      | model's (<= 4096)    | default num_ctx                                          |
 | EMBER_MAX_REQUEST_BYTES   | 32M                  | request body limit (413 above; not for blob uploads)     |
+| EMBER_SPECULATIVE         | draft if DRAFT, else none | speculative decoding: none, ngram (prompt lookup), draft |
 
 Middleware, outermost first: access log + request metrics (sees every answer, 401s included), CORS (answers
 preflights before auth), then auth and the body-size limit. All are plain ASGI, so streamed responses and
@@ -77,6 +78,7 @@ class ServerConfig:
     max_queue: int = 512
     threads: int | None = None
     n_ctx: int | None = None
+    speculative: str | None = None  # None: "draft" for models with a DRAFT, else none
     max_request_bytes: int = 32 << 20
     access_log: bool = True
     models: dict[str, Any] = field(default_factory=dict)  # alias -> ModelSpec, registered at startup
@@ -106,6 +108,7 @@ class ServerConfig:
             threads=num("EMBER_NUM_THREADS", None),
             n_ctx=num("EMBER_CONTEXT_LENGTH", None),
             max_request_bytes=parse_bytes(env.get("EMBER_MAX_REQUEST_BYTES", "32M")),
+            speculative=env.get("EMBER_SPECULATIVE", "").strip() or None,
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
@@ -113,7 +116,8 @@ class ServerConfig:
 
     def manager_config(self) -> ManagerConfig:
         return ManagerConfig(keep_alive=self.keep_alive, max_loaded=self.max_loaded, max_memory=self.max_memory,
-                             max_queue=self.max_queue, threads=self.threads, n_ctx=self.n_ctx)
+                             max_queue=self.max_queue, threads=self.threads, n_ctx=self.n_ctx,
+                             speculative=self.speculative)
 
 
 # -- liveness ---------------------------------------------------------------------------------------------------
@@ -253,6 +257,14 @@ def _gauges(manager: ModelManager) -> list[Gauge]:
               per_model(lambda s: (s.num_blocks - s.num_free_blocks) / s.num_blocks if s.num_blocks else 0.0)),
         Gauge("ember_in_flight_requests", "Requests admitted and not finished.", lambda: [({}, manager.in_flight)]),
         Gauge("ember_loaded_models", "Models in memory.", lambda: [({}, len(manager.loaded))]),
+        Gauge("ember_speculative_draft_tokens", "Draft tokens proposed and verified (speculative decoding).",
+              per_model(lambda s: s.spec_drafted)),
+        Gauge("ember_speculative_accepted_tokens", "Draft tokens the model accepted.",
+              per_model(lambda s: s.spec_accepted)),
+        Gauge("ember_speculative_acceptance_ratio", "Accepted over proposed draft tokens.",
+              per_model(lambda s: s.spec_accepted / s.spec_drafted if s.spec_drafted else 0.0)),
+        Gauge("ember_speculative_tokens_per_step", "Tokens emitted per verification pass.",
+              per_model(lambda s: s.spec_emitted / s.spec_steps if s.spec_steps else 0.0)),
     ]
 
 

@@ -107,10 +107,13 @@ class ManagerConfig:
     max_queue: int = 512  # Ollama's OLLAMA_MAX_QUEUE
     threads: int | None = None  # torch threads per model; None: Ember's default
     n_ctx: int | None = None  # default context length; None: the model's (api.DEFAULT_CTX at most)
+    speculative: str | None = None  # none | ngram | draft; None: draft for models with a DRAFT, else none
 
     def __post_init__(self) -> None:
         if self.max_memory <= 0:
             self.max_memory = int(_physical_memory() * 0.8)
+        if self.speculative not in (None, "none", "ngram", "draft"):
+            raise InvalidParameterError(f"speculative must be none, ngram or draft, got {self.speculative!r}")
         for name in ("max_loaded", "max_queue"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -283,7 +286,12 @@ class ModelManager:
         from ember.tokenizer.chat_template import ChatTemplate
 
         t0 = time.perf_counter()
-        m = ember.load(source, n_ctx=n_ctx, threads=self.config.threads)
+        from ember.store import resolve_model
+
+        speculative = self.config.speculative
+        if speculative == "draft" and resolve_model(source).draft_path is None:
+            speculative = None  # the server-wide setting only applies to models that have a DRAFT
+        m = ember.load(source, n_ctx=n_ctx, threads=self.config.threads, speculative=speculative)
         if spec is not None:
             if spec.template is not None:
                 m.template = ChatTemplate(spec.template, m.template.bos_token, m.template.eos_token)

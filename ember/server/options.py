@@ -91,6 +91,7 @@ def build_options(lm: LoadedModel, sampling: dict[str, Any], max_tokens: int | N
     if stop is not None:
         merged["stop"] = list(stop)
     limit = merged.pop("max_tokens", None)
+    draft_num_predict = merged.pop("draft_num_predict", None)
     stops = merged.pop("stop", None) or ()
     if isinstance(stops, str):
         stops = (stops,)
@@ -98,7 +99,7 @@ def build_options(lm: LoadedModel, sampling: dict[str, Any], max_tokens: int | N
     if unknown:
         raise InvalidParameterError(f"unknown option(s): {', '.join(sorted(unknown))}")
     return GenerationOptions(max_tokens=limit, stop=tuple(stops), sampling=SamplingParams(**merged),
-                             constraint=constraint)
+                             constraint=constraint, draft_num_predict=draft_num_predict)
 
 
 # -- Ollama -----------------------------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ _OLLAMA_SAMPLING: dict[str, tuple[str, type]] = {
     "min_p": ("min_p", float), "typical_p": ("typical_p", float), "repeat_penalty": ("repeat_penalty", float),
     "repeat_last_n": ("repeat_last_n", int), "presence_penalty": ("presence_penalty", float),
     "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int),
+    "draft_num_predict": ("draft_num_predict", int),  # speculative decoding: most tokens drafted per step
 }
 _OLLAMA_IGNORED = frozenset({
     "num_keep", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "tfs_z", "numa", "num_batch",
@@ -228,6 +230,12 @@ def parse_openai_sampling(body: dict[str, Any]) -> dict[str, Any]:
         "frequency_penalty": _real(body, "frequency_penalty", -2.0, 2.0),
         "seed": body.get("seed"),
     }
+    # Not OpenAI's: Ember's speculative-decoding knob, sent as an extra body field (extra_body in the client).
+    if body.get("draft_num_predict") is not None:
+        n = body["draft_num_predict"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 64:
+            raise APIError(400, "'draft_num_predict' must be an integer in 0..64", param="draft_num_predict")
+        out["draft_num_predict"] = n
     # OpenAI's defaults for what it defines (Ollama's OpenAI layer does the same).
     out["temperature"] = 1.0 if out["temperature"] is None else out["temperature"]
     out["top_p"] = 1.0 if out["top_p"] is None else out["top_p"]
