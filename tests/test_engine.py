@@ -192,6 +192,50 @@ def test_mixed_batch_with_chunked_prefill_matches_alone(tiny):
     assert engine.stats().num_free_blocks == 64
 
 
+def test_decodes_beside_a_long_prefill_chunk_match_alone(tiny):
+    """A prefill chunk of >= 64 rows takes the dense bfloat16 path (ember.kernels.int4_dense); decode rows in
+    the same step must still take the int4 kernel they take alone, or greedy output depends on the batch.
+    Checked on the logits themselves, bit for bit: tiny models rarely turn a last-bit change into a token."""
+    from ember.kernels import int4_dense
+
+    if not int4_dense.available():
+        pytest.skip("no dense bfloat16 path on this CPU")
+    m = tiny
+    short, long = prompts_for(m, [6, 100], seed=41)
+    opts = GenerationOptions(max_tokens=12, sampling=GREEDY)
+
+    def decode_logits(with_long: bool) -> dict[int, torch.Tensor]:
+        engine = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=96, max_num_seqs=8,
+                                                          max_num_batched_tokens=128))
+        seen: dict[int, torch.Tensor] = {}
+        mixed = []
+        execute = engine.runner.execute
+
+        def spy(batch):
+            out = execute(batch)
+            for row, e in enumerate(batch.sampling):
+                if e.seq.seq_id == rid and not e.is_prefill:
+                    seen[e.start] = out[row].clone()
+                    mixed.append(len(batch.scheduled) > 1)
+            return out
+
+        engine.runner.execute = spy
+        rid = engine.add_request(short, opts)
+        for _ in range(3):
+            engine.step()
+        if with_long:
+            engine.add_request(long, GenerationOptions(max_tokens=2, sampling=GREEDY))
+        while engine.has_work():
+            engine.step()
+        assert any(mixed) == with_long
+        return seen
+
+    alone_rows, mixed_rows = decode_logits(False), decode_logits(True)
+    assert alone_rows.keys() == mixed_rows.keys()
+    for pos in alone_rows:
+        assert torch.equal(alone_rows[pos], mixed_rows[pos]), pos
+
+
 def test_prefix_cache_hit_gives_same_output(tiny):
     m = tiny
     (shared,) = prompts_for(m, [26], seed=5)

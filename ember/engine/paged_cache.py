@@ -294,11 +294,35 @@ class PagedKVCache:
         # storage rounding as the earlier ones, so splitting a prompt into chunks does not change the result.
         kp.write(lay.slots, k)
         vp.write(lay.slots, v)
+        groups = lay.decode_groups(window)
+        if not lay.prefills and len(groups) == 1:
+            # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
+            # so skip the gather of q and the scatter into `out` (same SDPA call, same result)
+            _, slots, mask = groups[0]
+            keys = kp.read(slots).transpose(1, 2)
+            values = vp.read(slots).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+            return o[:, :, 0]
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
 
-        for rows, slots, mask in lay.decode_groups(window):
-            keys = kp.read(slots).transpose(1, 2)  # [b, Hkv, L, d]
-            values = vp.read(slots).transpose(1, 2)
+        # A speculative verification brings one sequence's consecutive positions as single-row groups whose
+        # key slots are contiguous pieces of the longest one's: gather that once and slice it (same values, so
+        # the same SDPA result) instead of gathering every row's keys again.
+        big: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for rows, slots, mask in sorted(groups, key=lambda g: -g[1].shape[1]):
+            keys = values = None
+            if big is not None and slots.shape[0] == 1 and mask is None:
+                hit = (big[0] == slots[0, 0]).nonzero()
+                if hit.numel():
+                    off, n = int(hit[0]), slots.shape[1]
+                    if off + n <= big[0].shape[0] and torch.equal(big[0][off : off + n], slots[0]):
+                        keys, values = big[1][:, :, off : off + n], big[2][:, :, off : off + n]
+            if keys is None:
+                keys = kp.read(slots).transpose(1, 2)  # [b, Hkv, L, d]
+                values = vp.read(slots).transpose(1, 2)
+                if slots.shape[0] == 1 and mask is None and len(groups) > 1:
+                    big = (slots[0], keys, values)
             qd = q[rows].float().unsqueeze(2)  # [b, H, 1, d]
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[rows] = o[:, :, 0]

@@ -18,6 +18,7 @@ import torch
 
 from ember.engine.paged_cache import BatchLayout, PagedKVCache
 from ember.engine.scheduler import ScheduledBatch
+from ember.kernels.linear import int4_kernel_rows
 from ember.model.transformer import Transformer
 
 
@@ -39,9 +40,12 @@ class Runner:
         tokens: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
+        decode_rows: list[int] = []  # rows that alone would be a small batch: keep them on the int4 kernel
         entries = []
         for e in batch.scheduled:
             end = e.start + e.num_tokens
+            if e.draft or e.num_tokens == 1:
+                decode_rows.extend(range(len(tokens), len(tokens) + e.num_tokens))
             if e.draft:
                 row0 = len(tokens)
                 tokens.append(e.seq.token_ids[e.start])
@@ -56,9 +60,10 @@ class Runner:
             if e.samples:
                 rows.append(len(tokens) - 1)
         self.cache.set_batch(BatchLayout.build(self.cache.block_size, entries, self.cache.exact))
-        return self.model.forward(
-            torch.tensor(tokens, dtype=torch.long),
-            torch.tensor(positions, dtype=torch.long),
-            self.cache,  # type: ignore[arg-type]  # duck-typed: PagedKVCache has KVCache's attend()
-            logit_rows=torch.tensor(rows, dtype=torch.long),
-        )
+        with int4_kernel_rows(torch.tensor(decode_rows, dtype=torch.long) if decode_rows else None):
+            return self.model.forward(
+                torch.tensor(tokens, dtype=torch.long),
+                torch.tensor(positions, dtype=torch.long),
+                self.cache,  # type: ignore[arg-type]  # duck-typed: PagedKVCache has KVCache's attend()
+                logit_rows=torch.tensor(rows, dtype=torch.long),
+            )

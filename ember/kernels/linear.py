@@ -6,7 +6,9 @@ Forms (chosen per tensor type):
   planes (ember.quant.split_int4_planes); the planes are laid side by side along K and the input is
   repeated, since W x = W_hi x + W_lo x = [W_hi | W_lo] [x; x]. So 5- and 8-bit types also run in one kernel
   call at ~1 byte per weight instead of 2 for bfloat16. Activations, scales and zeros are bfloat16 (the
-  kernel's fast path): the only rounding this form adds.
+  kernel's fast path): the only rounding this form adds. Batches of many rows (prompt processing, >= 64)
+  instead dequantize slabs of the packed weight to bfloat16 and use torch's GEMM (ember.kernels.int4_dense:
+  3-5x faster there on CPUs with bfloat16 instructions; nothing extra stays resident).
 - DenseLinear: every other type (Q6_K, K-quants with 16-wide sub-blocks, F16, F32...) is dequantized
   exactly and stored as bfloat16 for torch's GEMM.
 Several projections that read the same input (q/k/v, gate/up) are fused into one Linear along N when their
@@ -22,6 +24,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from ember.kernels import int4_dense
 from ember.quant import dequantize, split_int4_planes
 
 PLANE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q8_0})
@@ -41,6 +48,23 @@ class Linear:
         raise NotImplementedError
 
 
+_exact = threading.local()
+
+
+@contextmanager
+def int4_kernel_rows(rows: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, rows `rows` of every Int4Linear input take the int4 kernel even when the batch is
+    large enough for the dense bfloat16 path. The engine marks decode rows this way: a decode row's result
+    must not depend on whether a long prefill chunk shares its step (greedy output would then depend on the
+    batch), and alone it would have taken the int4 kernel."""
+    previous = getattr(_exact, "rows", None)
+    _exact.rows = rows
+    try:
+        yield
+    finally:
+        _exact.rows = previous
+
+
 class Int4Linear(Linear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, planes: int,
                  bias: torch.Tensor | None = None):
@@ -55,10 +79,26 @@ class Int4Linear(Linear):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(COMPUTE_DTYPE)
+        rows = getattr(_exact, "rows", None)
+        n_exact = 0 if rows is None else rows.numel()
+        if x.shape[0] - n_exact >= int4_dense.MIN_ROWS and int4_dense.available():
+            # many rows (prompt processing): dequantized slabs + bfloat16 GEMM, see ember.kernels.int4_dense
+            if n_exact:
+                keep = torch.ones(x.shape[0], dtype=torch.bool)
+                keep[rows] = False
+                y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+                y[keep] = int4_dense.matmul(x[keep], self.packed, self.scales_zeros, self.planes)
+                y[rows] = self._kernel(x[rows])
+            else:
+                y = int4_dense.matmul(x, self.packed, self.scales_zeros, self.planes)
+        else:
+            y = self._kernel(x)
+        return y if self.bias is None else y + self.bias
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.planes > 1:
             x = x.repeat(1, self.planes)
-        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros).float()
-        return y if self.bias is None else y + self.bias
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros).float()
 
     @property
     def nbytes(self) -> int:

@@ -19,11 +19,19 @@ class RMSNorm:
         self.eps = eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # torch's fused kernel: one op instead of five (per-op overhead dominates single-token decode);
+        # float32 in and out, same formula x * rsqrt(mean(x^2) + eps) * w.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Rope:
-    """Rotary embedding with precomputed cos/sin tables for positions [0, n_ctx)."""
+    """Rotary embedding with precomputed cos/sin tables for positions [0, n_ctx).
+
+    Applied as x * cos + swap(x) * sin over the rotated dims, with the tables stored at full rotary width
+    (each angle's cos twice; sin with the sign of its slot) so that a call is a handful of ops: single-token
+    decode is bound by per-op overhead, not arithmetic. The rows for a positions tensor are looked up once
+    and reused by every layer of the pass (memo keyed by the tensor object, which it keeps alive so the key
+    cannot be reused; positions tensors are never modified in place)."""
 
     def __init__(self, cfg: RopeConfig, n_ctx: int, freq_factors: torch.Tensor | None = None):
         self.dim = cfg.dim
@@ -33,22 +41,35 @@ class Rope:
             inv_freq = inv_freq / freq_factors.double()
         pos = torch.arange(n_ctx, dtype=torch.float64) / cfg.scale
         angles = pos[:, None] * inv_freq[None, :]
-        self.cos = angles.cos().float()  # [n_ctx, dim/2]
-        self.sin = angles.sin().float()
+        cos, sin = angles.cos().float(), angles.sin().float()  # [n_ctx, dim/2]
+        if self.style == "norm":  # adjacent pairs (a, b) -> (a cos - b sin, a sin + b cos)
+            self.cos = torch.stack((cos, cos), -1).flatten(-2)
+            self.sin = torch.stack((-sin, sin), -1).flatten(-2)
+        else:  # neox: first half pairs with second half
+            self.cos = torch.cat((cos, cos), -1)
+            self.sin = torch.cat((-sin, sin), -1)
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self._memo
+        if m is None or m[0] is not positions:
+            m = self._memo = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
+        return m[1], m[2]
+
+    def _swap(self, x: torch.Tensor) -> torch.Tensor:
+        """The partner of each rotated element: (a, b) -> (b, a) per pair."""
+        if self.style == "norm":
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        half = self.dim // 2
+        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, head_dim] float32 -> rotated copy."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = self._tables(positions)
+        if x.shape[-1] == self.dim:
+            return torch.addcmul(x * cos, self._swap(x), sin)
         rot, rest = x[..., : self.dim], x[..., self.dim :]
-        if self.style == "norm":  # adjacent pairs
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-        else:  # neox: first half pairs with second half
-            half = self.dim // 2
-            a, b = rot[..., :half], rot[..., half:]
-            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+        return torch.cat((torch.addcmul(rot * cos, self._swap(rot), sin), rest), dim=-1)
 
 
 class Attention:
@@ -80,15 +101,20 @@ class Attention:
         t = x.shape[0]
         nq, nk = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         qkv = self.wqkv(x)
-        q = qkv[:, :nq].view(t, self.n_head, self.head_dim)
-        k = qkv[:, nq : nq + nk].view(t, self.n_head_kv, self.head_dim)
         v = qkv[:, nq + nk :].view(t, self.n_head_kv, self.value_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        q = self.rope(q, positions)
-        k = self.rope(k, positions)
+        if self.q_norm is None and self.k_norm is None:
+            # q and k are adjacent in the fused projection: rotate both heads' sets in one pass
+            qk = self.rope(qkv[:, : nq + nk].view(t, self.n_head + self.n_head_kv, self.head_dim), positions)
+            q, k = qk[:, : self.n_head], qk[:, self.n_head :]
+        else:
+            q = qkv[:, :nq].view(t, self.n_head, self.head_dim)
+            k = qkv[:, nq : nq + nk].view(t, self.n_head_kv, self.head_dim)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            q = self.rope(q, positions)
+            k = self.rope(k, positions)
         out = cache.attend(self.layer, q, k, v, positions, self.scale, self.window)
         return self.wo(out.reshape(t, self.n_head * self.value_dim))
 
