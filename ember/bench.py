@@ -38,6 +38,8 @@ class BenchConfig:
     warmup: bool = True  # one untimed run of each test first, as llama-bench does
     bandwidth_bytes: int = 1 << 30  # size of the memory-bandwidth probe; 0 skips it
     seed: int = 0
+    speculative: str | None = None  # "ngram" | "draft": add sg tests (engine generation, plain vs speculative)
+    draft: str | None = None  # draft model for speculative "draft"
 
 
 @dataclass
@@ -46,6 +48,17 @@ class TestResult:
     n_prompt: int
     n_gen: int
     samples_s: list[float] = field(default_factory=list)  # wall seconds of each repetition
+    drafted: int = 0  # speculative tests: draft tokens proposed, accepted, verification steps
+    accepted: int = 0
+    spec_steps: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        return (self.accepted + self.spec_steps) / self.spec_steps if self.spec_steps else None
 
     @property
     def n_tokens(self) -> int:
@@ -73,6 +86,8 @@ class TestResult:
             "samples_ts": self.samples_ts,
             "avg_ts": self.avg_ts,
             "stddev_ts": self.stddev_ts,
+            "acceptance": self.acceptance,
+            "tokens_per_step": self.tokens_per_step,
         }
 
 
@@ -216,6 +231,32 @@ def run_generation(model: Transformer, ids: list[int], n_ctx: int) -> float:
     return time.perf_counter() - t0
 
 
+def copyable_prompt(rng: np.random.Generator, n: int, n_vocab: int, period: int = 64) -> list[int]:
+    """n ids repeating one random block of `period`: context a model continues by copying, the situation
+    prompt lookup and draft models are for (summaries, code edits). A best case for speculation, by design."""
+    block = _random_ids(rng, period, n_vocab)
+    return (block * (n // period + 1))[:n]
+
+
+def run_engine_generation(m: Any, ids: list[int], n_gen: int, draft_num_predict: int, result: TestResult) -> float:
+    """Seconds to generate n_gen tokens greedily through the model's engine (first token to last), with
+    speculation limited to draft_num_predict tokens per step (0: none). Adds the draft counters to result."""
+    from ember.engine.generator import GenerationOptions
+    from ember.engine.sampler import SamplingParams
+
+    ban = {int(t): float("-inf") for t in m.tokenizer.eog_ids}  # generate exactly n_gen tokens
+    opts = GenerationOptions(max_tokens=n_gen, draft_num_predict=draft_num_predict,
+                             sampling=SamplingParams(temperature=0, repeat_penalty=1.0, logit_bias=ban))
+    stream = m.engine.generate_stream(ids, opts)
+    for _ in stream:
+        pass
+    st = stream.result.stats
+    result.drafted += st.draft_tokens
+    result.accepted += st.accepted_tokens
+    result.spec_steps += st.spec_steps
+    return st.generate_seconds * n_gen / max(1, st.generated_tokens - 1)
+
+
 def _repeat(result: TestResult, once: Callable[[], float], reps: int, warmup: bool) -> TestResult:
     if warmup:
         once()  # first-touch page faults of mmapped weights and torch's kernel selection, as llama-bench
@@ -233,7 +274,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
         raise ValueError("n_prompt and n_gen must be >= 0 and repetitions >= 1")
     say = log or (lambda _msg: None)
     n_ctx = cfg.n_ctx or max(cfg.n_prompt, cfg.n_gen + 1, 8)
-    m = ember.load(cfg.model, n_ctx=n_ctx, threads=cfg.threads)
+    if cfg.speculative:
+        n_ctx = max(n_ctx, max(cfg.n_prompt, 128) + cfg.n_gen + 64)  # the sg prompt is >= 128 tokens
+    m = ember.load(cfg.model, n_ctx=n_ctx, threads=cfg.threads, speculative=cfg.speculative, draft=cfg.draft)
     try:
         model = m.model
         n_vocab = model.config.n_vocab
@@ -253,6 +296,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
                 _repeat(TestResult(f"tg{cfg.n_gen}", 0, cfg.n_gen),
                         lambda: run_generation(model, ids, n_ctx), cfg.repetitions, cfg.warmup)
             )
+        if cfg.speculative and cfg.n_gen > 0:
+            ids = copyable_prompt(rng, max(cfg.n_prompt, 128), n_vocab)
+            for label, k in (("plain", 0), (cfg.speculative, None)):
+                say(f"sg{cfg.n_gen} ({label}): {cfg.repetitions} runs")
+                result = TestResult(f"sg{cfg.n_gen} {label}", 0, cfg.n_gen)
+                draft_k = 0 if k == 0 else m.engine.config.speculative.num_tokens
+                _repeat(result, lambda: run_engine_generation(m, ids, cfg.n_gen, draft_k, result),
+                        cfg.repetitions, cfg.warmup)
+                tests.append(result)
         info = m.info()
         threads = torch.get_num_threads()
         rss = peak_rss_bytes()

@@ -136,3 +136,16 @@ def test_synthetic_mix_rule():
     plan = sm.tensor_plan(sm.SHAPES["1b"], "q4_k_m")
     n_params = sum(math.prod(s) for _, s, _ in plan)
     assert 0.8e9 < n_params < 0.9e9  # 16 x 2048 llama with a 32000 vocab, untied output
+
+
+def test_speculative_tests_report_acceptance(capsys, tiny):
+    """--speculative adds engine generation on a copyable prompt, plain then speculative, with acceptance."""
+    assert bench_cli.main([str(tiny), *ARGS, "-o", "json", "--speculative", "draft", "--draft", str(tiny)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    names = [t["name"] for t in rep["tests"]]
+    assert names == ["pp16", "tg8", "sg8 plain", "sg8 draft"]
+    plain, spec = rep["tests"][2], rep["tests"][3]
+    assert plain["acceptance"] is None and plain["tokens_per_step"] is None
+    # The model drafting for itself: most drafts are accepted (not all: the draft computes its KV in other
+    # chunks than the main model, and a random tiny model is full of near-ties that last bits flip).
+    assert spec["acceptance"] > 0.5 and spec["tokens_per_step"] > 1.5

@@ -34,6 +34,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="size of the memory-bandwidth probe (0 skips it; default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random token ids")
     p.add_argument("--progress", action="store_true", help="print progress to stderr")
+    p.add_argument("--speculative", choices=("ngram", "draft"), default=None,
+                   help="also run sgN: engine generation on a copyable prompt, plain vs speculative, with "
+                        "acceptance rate and tokens per verification step")
+    p.add_argument("--draft", metavar="MODEL", default=None, help="draft model for --speculative draft")
 
 
 def add_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
@@ -79,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         bandwidth_bytes=args.bandwidth_mb << 20,
         seed=args.seed,
+        speculative=args.speculative,
+        draft=args.draft,
     )
     log = (lambda msg: print(f"ember bench: {msg}", file=sys.stderr, flush=True)) if args.progress else None
     report = run_bench(cfg, log)
@@ -132,6 +138,10 @@ def format_table(report: Any) -> str:
         f"  (machine: {_gbs(report.mem_bandwidth_gbs)} 1 thread, "
         f"{_gbs(report.mem_bandwidth_threads_gbs)} {report.threads} threads)",
     ]
+    for t in report.tests:
+        if t.acceptance is not None:
+            lines.append(f"{t.name}: draft acceptance {100 * t.acceptance:.1f}%, "
+                         f"{t.tokens_per_step:.2f} tokens per verification step")
     return "\n".join(lines) + "\n"
 
 
