@@ -94,7 +94,7 @@ def synthetic_pair() -> tuple[Path, Path]:
     draft = CACHE / "synthetic-llama-draft-q4_k_m.gguf"
     if not draft.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        write_synthetic(draft, Shape(n_layer=4, n_embd=512, n_ff=1408, n_head=8, n_head_kv=4), "q4_k_m", seed=1,
+        write_synthetic(draft, Shape(n_layer=4, n_embd=512, n_ff=1536, n_head=8, n_head_kv=4), "q4_k_m", seed=1,
                         name="synthetic-llama-draft")
     return main, draft
 
