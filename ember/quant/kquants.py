@@ -137,13 +137,21 @@ def _i8(v: np.ndarray) -> np.ndarray:
 def _first_absmax(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """(|max|, max): the value of largest magnitude, the first one on ties (`if (ax > amax)` in the C loops)."""
     if axis == 0:
-        # Columns [n, M]: scan the rows backwards so that the first hit is written last (argmax along a
-        # strided axis is several times slower).
-        ax = np.abs(x)
-        amax = ax.max(axis=0)
-        mx = np.zeros_like(amax)
-        for i in range(x.shape[0] - 1, -1, -1):
-            np.copyto(mx, x[i], where=ax[i] == amax)
+        # Columns [n, M]: the larger of max and -min decides; only where they tie (+a and -a both occur, or an
+        # all-zero column) does the first one matter. There the rows are scanned backwards so that the first
+        # hit is written last (argmax along a strided axis is several times slower).
+        hi, lo = x.max(axis=0), x.min(axis=0)
+        neg = -lo
+        amax = np.maximum(hi, neg)
+        mx = np.where(hi > neg, hi, lo)
+        tie = np.flatnonzero(hi == neg)
+        if tie.size:
+            sub = np.take(x, tie, axis=1)
+            ax = np.abs(sub)
+            m = np.zeros(tie.size, dtype=x.dtype)
+            for i in range(x.shape[0] - 1, -1, -1):
+                np.copyto(m, sub[i], where=ax[i] == amax[tie])
+            mx[tie] = m
         return amax, mx
     # Super-block scales [nb, k] may hold nan (after float overflow), which never compares greater in C.
     ax = np.abs(x)
@@ -318,12 +326,15 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = -nmax, nmax - 1
     with np.errstate(all="ignore"):
         iscale = F32(-nmax) / mx
-        t = x * iscale  # |t| <= nmax + 1: exact range
-        L = _levels_into(t, lo, hi)
+        L = _levels_into(x * iscale, lo, hi)  # |x*iscale| <= nmax + 1: exact range
         w = x * x
         wx = w * x  # C: w*x[i]*L[i] is (w*x)*L
-        sumlx = _sum(wx * L)
-        suml2 = _sum(w * L * L)
+        buf = wx * L
+        sumlx = _sum(buf)
+        np.multiply(w, L, out=buf)
+        buf *= L
+        suml2 = _sum(buf)
+        del buf
         # C stops a sub-block after a round without changes; a further round would change nothing either, so
         # each round only revisits the sub-blocks that changed in the previous one (about a fifth, then less).
         active = np.flatnonzero(~zero)
@@ -331,27 +342,9 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             if active.size == 0:
                 break
             every = active.size == M
-            xa, wa, wxa = (x, w, wx) if every else (x[:, active], w[:, active], wx[:, active])
-            La = L if every else L[:, active]
+            xa, wa, wxa, La = (x, w, wx, L) if every else (np.take(a, active, axis=1) for a in (x, w, wx, L))
             sx, s2 = (sumlx, suml2) if every else (sumlx[active], suml2[active])
-            changed = np.zeros(active.size, dtype=bool)
-            for i in range(n):
-                wi, xi, li, wxi = wa[i], xa[i], La[i], wxa[i]
-                slx0 = sx - wxi * li
-                sl2 = s2 - wi * li * li
-                # nearest_int(x*sl2/slx) bit for bit: the ratio can be huge where slx is tiny
-                new_l = _clamp(nearest_int(xi * sl2 / slx0).astype(F32), lo, hi)
-                slx = slx0 + wxi * new_l
-                sl2 += wi * new_l * new_l
-                take = slx0 > 0
-                take &= new_l != li
-                take &= sl2 > 0
-                take &= slx * slx * s2 > sx * sx * sl2
-                if take.any():  # a few percent of the sub-blocks: masked copies beat np.where here
-                    changed |= take
-                    np.copyto(li, new_l, where=take)
-                    np.copyto(sx, slx, where=take)
-                    np.copyto(s2, sl2, where=take)
+            changed = _descent_round(xa, wa, wxa, La, sx, s2, lo, hi)
             if not every:
                 L[:, active] = La
                 sumlx[active] = sx
@@ -361,6 +354,59 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     L += F32(nmax)
     L[:, zero] = 0  # all-zero columns hold nan from 0 * inf
     return np.where(zero, F32(0), scale), L.astype(np.uint8)
+
+
+def _descent_round(x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sx: np.ndarray, s2: np.ndarray,
+                   lo: int, hi: int) -> np.ndarray:
+    """One round of make_q3_quants' coordinate descent on columns [n, P], updating L, sx (sumlx) and s2 (suml2)
+    in place; returns which columns changed. An element's move depends on the moves before it, so the loop
+    runs over elements with the sub-blocks as the vector. Every operation writes into a buffer made once per
+    round: the vectors are large (a fresh temporary of that size costs page faults, more than the arithmetic).
+    """
+    n, P = x.shape
+    with np.errstate(all="ignore"):
+        wl = w * L  # C: w*L[i]*L[i] is (w*L)*L; an element's own L does not change before its visit
+        wl *= L
+        wxl = wx * L  # C: w*x[i]*L[i] is (w*x)*L
+    slx0, sl2, t, slx, g = (np.empty(P, dtype=F32) for _ in range(5))
+    new_l = np.empty(P, dtype=F32)
+    take, cond = np.empty(P, dtype=bool), np.empty(P, dtype=bool)
+    changed = np.zeros(P, dtype=bool)
+    bits = t.view(np.int32)
+    for i in range(n):
+        wi, xi, li, wxi = w[i], x[i], L[i], wx[i]
+        np.subtract(sx, wxl[i], out=slx0)
+        np.subtract(s2, wl[i], out=sl2)
+        # nearest_int(x*sl2/slx) bit for bit (the ratio can be huge where slx is tiny), then clamped
+        np.multiply(xi, sl2, out=t)
+        t /= slx0
+        t += _MAGIC
+        bits &= 0x007FFFFF
+        bits -= 0x00400000
+        np.copyto(new_l, bits, casting="unsafe")
+        _clamp(new_l, lo, hi)
+        np.multiply(wxi, new_l, out=slx)  # slx = slx0 + w*x*new_l
+        slx += slx0
+        np.multiply(wi, new_l, out=g)  # sl2 += w*new_l*new_l
+        g *= new_l
+        sl2 += g
+        np.greater(slx0, 0, out=take)
+        np.not_equal(new_l, li, out=cond)
+        take &= cond
+        np.greater(sl2, 0, out=cond)
+        take &= cond
+        np.multiply(slx, slx, out=g)  # C: slx*slx*suml2 > sumlx*sumlx*sl2
+        g *= s2
+        np.multiply(sx, sx, out=t)
+        t *= sl2
+        np.greater(g, t, out=cond)
+        take &= cond
+        if take.any():  # a few percent of the sub-blocks: masked copies beat np.where here
+            changed |= take
+            np.copyto(li, new_l, where=take)
+            np.copyto(sx, slx, where=take)
+            np.copyto(s2, sl2, where=take)
+    return changed
 
 
 # -- super-block quantizers -------------------------------------------------------------------------------------

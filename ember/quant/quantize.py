@@ -11,10 +11,12 @@ What happens, as in llama.cpp's llama_model_quantize (llama-quant.cpp):
   4. write the output with gguf.GGUFWriter: every metadata pair of the input in its order and with its value
      types, then general.quantization_version = 2 and general.file_type = the new llama_ftype (moved to the
      end, as llama.cpp's output has them); split.* keys dropped. Tensors keep their names and shapes; a tensor
-     whose type does not change is copied byte for byte, the others are dequantized to float32 with
-     ember.quant.dequantize (bit-exact, as ggml's to_float) and quantized with ember.quant.simple /
-     ember.quant.kquants, in slabs of rows so memory stays bounded, split into chunks run on a thread pool
-     (numpy releases the GIL inside its loops).
+     whose type does not change is copied byte for byte, the others are converted in work items of rows run
+     on a thread pool (numpy and torch release the GIL inside their loops): each item reads its rows as
+     float32 (F32/F16/BF16 exactly with numpy; quantized types with ember.quant.dequant, bit-exact as ggml's
+     to_float), checks them, and quantizes them with ember.quant.simple / ember.quant.kquants straight into
+     the tensor's output buffer. Reading inside the items keeps the pool busy (no serial slab step) and the
+     float32 copy of an item in cache.
 The file is written to DST.tmp-<pid> and renamed when complete, so a failure never leaves a half-written DST.
 
 Tensors with NaN/inf values are refused rather than converted (llama.cpp's output validation rejects many of
@@ -35,7 +37,6 @@ from gguf import GGUFValueType, GGUFWriter
 
 from ember.errors import GGUFError, InvalidParameterError, UnsupportedError
 from ember.gguf import open_gguf
-from ember.quant.dequant import dequantize_rows
 from ember.quant.formats import format_of
 from ember.quant.kquants import KQUANTIZERS, QK_K
 from ember.quant.mix import UNQUANTIZED, FileType, ModelInfo, TensorPlan, choose_types, file_type
@@ -48,13 +49,19 @@ ARCHITECTURE_KEY = "general.architecture"
 ALIGNMENT_KEY = "general.alignment"
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
-# Weights per work item handed to a thread: big enough that numpy's per-call overhead is small (the K-quant
-# searches make ~20 calls per candidate scale, Q3_K's ~30 per element on per-sub-block vectors), small enough
-# that a chunk's float32 temporaries (a handful of chunk-sized arrays) stay in cache. Measured best on x86.
+# Weights per quantizer call: big enough that numpy's per-call overhead is small (the K-quant searches make
+# ~20 calls per candidate scale, Q3_K's ~30 per element on per-sub-block vectors), small enough that a
+# chunk's float32 temporaries (a handful of chunk-sized arrays) stay in cache. Measured best on x86 (Q3_K's
+# later descent rounds run on a fifth of the sub-blocks and less, so it wants the larger vectors).
 CHUNK_WEIGHTS = 1 << 16
 CHUNK_WEIGHTS_K = 1 << 18
-# Rows are dequantized and quantized this many weights at a time, bounding the float32 working set.
-SLAB_WEIGHTS = 1 << 23
+CHUNK_WEIGHTS_BY_TYPE = {T.Q3_K: 1 << 20}
+# Weights per work item of quantize_file (read, check, quantize), at most: bounds the float32 working set
+# per thread; tensors are split into at least ITEMS_PER_THREAD items per thread where they are big enough,
+# so that threads finishing at different times still share the work.
+ITEM_WEIGHTS = 1 << 20
+ITEMS_PER_THREAD = 4
+MIN_ITEM_WEIGHTS = 1 << 16
 
 Quantizer = Callable[[np.ndarray], np.ndarray]
 
@@ -122,7 +129,7 @@ def quantize_array(values: np.ndarray, qtype: T, threads: int = 1, pool: ThreadP
         raise ValueError(f"out holds {out.size} bytes; {blocks.shape[0] * fmt.type_size} are needed")
     result = out
     out = out.reshape(blocks.shape[0], fmt.type_size)
-    step = max(1, (CHUNK_WEIGHTS_K if block == QK_K else CHUNK_WEIGHTS) // block)
+    step = max(1, CHUNK_WEIGHTS_BY_TYPE.get(qt, CHUNK_WEIGHTS_K if block == QK_K else CHUNK_WEIGHTS) // block)
     starts = range(0, blocks.shape[0], step)
 
     def work(s: int) -> None:
@@ -192,26 +199,44 @@ def check_requantize(plans: list[TensorPlan], allow_requantize: bool) -> None:
 
 
 def _float_rows(f: Any, p: TensorPlan, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a tensor as float32 [n, row_len]."""
+    """Rows [start, stop) of a tensor as float32 [n, row_len] (a read-only view for F32 sources). F16 and
+    BF16 widen exactly with numpy; only quantized sources need ember.quant.dequant (and so torch)."""
     row_len = p.shape[0]
     if p.src_type == T.F32:
         return f.tensor_array(p.name).reshape(-1, row_len)[start:stop]
     raw = f.tensor_bytes(p.name)
+    if p.src_type == T.F16:
+        return raw.view(np.float16).reshape(-1, row_len)[start:stop].astype(np.float32)
+    if p.src_type == T.BF16:  # the top half of a float32
+        bits = raw.view(np.uint16).reshape(-1, row_len)[start:stop].astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    from ember.quant.dequant import dequantize_rows
+
     return dequantize_rows(raw, p.src_type, row_len, start, stop).numpy()
 
 
-def _convert(f: Any, p: TensorPlan, pool: ThreadPoolExecutor | None) -> np.ndarray:
+def _convert(f: Any, p: TensorPlan, pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
     row_len = p.shape[0]
     n_rows = int(np.prod(p.shape[1:], dtype=np.int64)) if len(p.shape) > 1 else 1
     dst_row = format_of(p.dst_type).row_bytes(row_len)
     out = np.empty(n_rows * dst_row, dtype=np.uint8)
-    step = max(1, SLAB_WEIGHTS // row_len)
-    for start in range(0, n_rows, step):
+    share = -(-n_rows * row_len // (n_threads * ITEMS_PER_THREAD))
+    step = max(1, min(ITEM_WEIGHTS, max(MIN_ITEM_WEIGHTS, share)) // row_len)
+
+    def work(start: int) -> None:
         stop = min(n_rows, start + step)
         x = _float_rows(f, p, start, stop)
         if not np.isfinite(x).all():
             raise GGUFError(f"{f.path}: tensor {p.name} holds NaN or infinite values; cannot quantize it")
-        quantize_array(x, p.dst_type, pool=pool, out=out[start * dst_row:stop * dst_row])
+        quantize_array(x, p.dst_type, out=out[start * dst_row:stop * dst_row])
+
+    starts = range(0, n_rows, step)
+    if pool is not None and len(starts) > 1:
+        list(pool.map(work, starts))  # re-raises the first failure
+    else:
+        for s in starts:
+            work(s)
     return out
 
 
@@ -241,18 +266,28 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftyp
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             pool = ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else None
+            # One writer thread: tensor i is written while tensor i+1 is converted (writing is serial and,
+            # for F16/BF16 outputs, as long as the conversion). At most one write is in flight, so at most
+            # two tensors' outputs are held; tensors reach the file in order.
+            writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-quantize-write")
+            written = None
             try:
                 for i, p in enumerate(plans, 1):
                     t0 = time.perf_counter()
-                    data = _convert(f, p, pool) if p.convert else f.tensor_bytes(p.name)
-                    w.write_tensor_data(data)
+                    data = _convert(f, p, pool, n_threads) if p.convert else f.tensor_bytes(p.name)
+                    if written is not None:
+                        written.result()  # re-raises a failed write
+                    written = writer.submit(w.write_tensor_data, data)
                     src_bytes = f.tensors[p.name].nbytes
                     src_total += src_bytes
                     dst_total += data.nbytes
                     if progress is not None:
                         progress(TensorProgress(i, len(plans), p.name, p.shape, p.src_type.name, p.dst_type.name,
                                                 src_bytes, data.nbytes, time.perf_counter() - t0))
+                if written is not None:
+                    written.result()
             finally:
+                writer.shutdown()  # waits: the file is not closed or removed under a running write
                 if pool is not None:
                     pool.shutdown()
             w.close()

@@ -28,7 +28,7 @@ one row at a time, several times slower than the transpose itself.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -203,20 +203,38 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_d_bytes(d), q.T], axis=1)
 
 
+def _torch_view(x: np.ndarray) -> Any:
+    """x as a float32 torch tensor sharing its memory (copied only if read-only, which torch cannot wrap)."""
+    import torch  # only the float outputs use it: `ember quantize` to block types never imports torch
+
+    x = np.ascontiguousarray(x, dtype=F32)
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
+
+
 @_quiet
 def quantize_f16(x: np.ndarray) -> np.ndarray:
-    """float32 -> IEEE half bytes (round to nearest even; overflow to inf as ggml)."""
-    with np.errstate(over="ignore"):
-        return x.astype(np.float16).view(np.uint8).reshape(x.shape[0], -1)
+    """float32 -> IEEE half bytes (round to nearest even; overflow to inf as ggml). torch's conversion is the
+    same IEEE rounding at several times numpy's speed; numpy's is kept for NaN (its payload handling)."""
+    if np.isnan(x).any():
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).view(np.uint8).reshape(x.shape[0], -1)
+    import torch
+
+    return _torch_view(x).to(torch.float16).numpy().view(np.uint8).reshape(x.shape[0], -1)
 
 
 @_quiet
 def quantize_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bytes: round to nearest even; NaN -> top half | 0x40 (quiet)."""
-    u = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    h = np.where(nan, (u >> np.uint32(16)) | np.uint32(64), rounded).astype(np.uint16)
+    """float32 -> bfloat16 bytes: round to nearest even (torch's conversion, the same formula as ggml's);
+    NaN -> top half | 0x40 (quiet), as ggml_compute_fp32_to_bf16 (torch writes a canonical NaN instead)."""
+    import torch
+
+    h = _torch_view(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        u = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
+        h = h.copy()
+        h[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
     return h.view(np.uint8).reshape(x.shape[0], -1)
 
 
