@@ -131,10 +131,12 @@ def test_padded_decode_groups_and_numerics():
         q, k, v = _random_kv(rng, 3, 4), _random_kv(rng, 3), _random_kv(rng, 3)
         outs[exact] = cache.attend(0, q, k, v, torch.tensor(lens), 0.2, 0)
         groups = layout.decode_groups(0)
-        assert sorted(int(s.shape[1]) for _, s, _ in groups) == ([4, 10] if exact else [10])
-        assert all((mask is None) == exact for _, _, mask in groups)
+        assert sorted(int(s.shape[1]) for _, s, _, _ in groups) == ([4, 10] if exact else [10])
+        assert all((mask is None) == exact for _, _, mask, _ in groups)
+        # one-row groups read their keys as runs of consecutive slots, no gather
+        assert all((span is not None) == (exact and len(r) == 1) for r, _, _, span in groups)
         # windowed: spans 2, 2, 2 -> a single unpadded group either way
-        assert [s.shape for _, s, _ in layout.decode_groups(2)] == [torch.Size([3, 2])]
+        assert [s.shape for _, s, _, _ in layout.decode_groups(2)] == [torch.Size([3, 2])]
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
 
 

@@ -79,8 +79,20 @@ class _Pool:
         self.flat[slots] = q.flatten(-2)
         self.flat_scale[slots] = d.to(torch.float16)
 
-    def read(self, index: torch.Tensor) -> torch.Tensor:
-        """Slots `index` (any shape S) -> float32 [*S, n_head, dim]."""
+    def read(self, index: torch.Tensor | tuple[slice, ...]) -> torch.Tensor:
+        """Slots `index` (any shape S; or runs of consecutive slots, read without a gather) -> float32
+        [*S, n_head, dim] ([sum of run lengths, n_head, dim] for runs)."""
+        if isinstance(index, tuple):
+            if self.flat_scale is None:
+                if len(index) == 1:
+                    return self.flat[index[0]].float()
+                out = torch.empty((sum(r.stop - r.start for r in index), *self.flat.shape[1:]), dtype=torch.float32)
+                at = 0
+                for r in index:
+                    out[at : at + r.stop - r.start].copy_(self.flat[r])
+                    at += r.stop - r.start
+                return out
+            index = torch.cat([torch.arange(r.start, r.stop) for r in index])
         if self.flat_scale is None:
             return self.flat[index].float()
         q = self.flat[index].float().unflatten(-1, (-1, Q8_GROUP))
@@ -92,6 +104,22 @@ class _Pool:
             self.scale[dst].copy_(self.scale[src])
 
 
+MAX_RUNS = 8  # a key list of more consecutive runs than this is gathered instead
+
+
+def _as_range(slots: torch.Tensor) -> tuple[slice, ...] | None:
+    """slots (1-D) as the few runs of consecutive slots they consist of (blocks handed out in order, plus a
+    prefix-cache hit's own run, make this the common case): the pool then copies views instead of gathering."""
+    n = slots.shape[0]
+    if n == 0:
+        return None
+    breaks = (torch.diff(slots) != 1).nonzero().flatten().tolist()
+    if len(breaks) >= MAX_RUNS:
+        return None
+    edges = [0] + [b + 1 for b in breaks] + [n]
+    return tuple(slice(int(slots[a]), int(slots[a]) + (b - a)) for a, b in zip(edges, edges[1:]))
+
+
 @dataclass
 class _Prefill:
     """One multi-token entry: flat token rows [row0, row1) are positions [start, end) of one sequence."""
@@ -100,7 +128,8 @@ class _Prefill:
     row1: int
     start: int
     table: torch.Tensor  # [n_blocks] long, NULL entries replaced by 0
-    views: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # window -> (slots, mask)
+    # window -> (slots, mask, slots as runs of consecutive slots, or None)
+    views: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[slice, ...] | None]] = field(default_factory=dict)
 
     @property
     def end(self) -> int:
@@ -118,7 +147,7 @@ class BatchLayout:
     decode_lens: torch.Tensor  # [B] long: context length (keys [0, len)) of each, i.e. its position + 1
     decode_tables: torch.Tensor  # [B, max_blocks] long, NULL entries and padding replaced by 0
     exact: bool = True  # decode groups without padding (see PagedKVCache)
-    _decode_views: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = field(
+    _decode_views: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[slice, ...] | None]]] = field(
         default_factory=dict
     )
 
@@ -170,8 +199,9 @@ class BatchLayout:
     def num_tokens(self) -> int:
         return self.slots.shape[0]
 
-    def decode_groups(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """Decode rows in attention groups: (flat rows [b], key slots [b, L], key mask [b, 1, 1, L] or None).
+    def decode_groups(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[slice, ...] | None]]:
+        """Decode rows in attention groups: (flat rows [b], key slots [b, L], key mask [b, 1, 1, L] or None,
+        the slots as runs of consecutive slots when the group is one row, else None).
 
         Row i attends to positions [lo_i, len_i), lo_i = len_i - window on windowed layers (a query at p sees
         (p - window, p]), else 0. Padded mode: one group, rows padded to the longest span and masked. Exact
@@ -197,11 +227,12 @@ class BatchLayout:
                 pos = torch.minimum(pos, g_lens[:, None] - 1)  # padding reads a real slot of its row, masked
                 slots = self.decode_tables[idx].gather(1, pos // bs) * bs + pos % bs
                 mask = None if bool(valid.all()) else valid[:, None, None, :]
-                groups.append((self.decode_rows[idx], slots, mask))
+                span = _as_range(slots[0]) if slots.shape[0] == 1 and mask is None else None
+                groups.append((self.decode_rows[idx], slots, mask, span))
             self._decode_views[window] = groups
         return groups
 
-    def prefill_view(self, p: _Prefill, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill_view(self, p: _Prefill, window: int) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, ...] | None]:
         """(slots [L], mask [n, L]) of one chunk: keys at positions [lo, end) where lo skips what no query of
         the chunk can see on a windowed layer."""
         view = p.views.get(window)
@@ -214,7 +245,7 @@ class BatchLayout:
             mask = key_pos[None, :] <= q_pos[:, None]
             if window:
                 mask &= key_pos[None, :] > q_pos[:, None] - window
-            view = p.views[window] = (slots, mask)
+            view = p.views[window] = (slots, mask, _as_range(slots))
         return view
 
 
@@ -298,9 +329,11 @@ class PagedKVCache:
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
             # so skip the gather of q and the scatter into `out` (same SDPA call, same result)
-            _, slots, mask = groups[0]
-            keys = kp.read(slots).transpose(1, 2)
-            values = vp.read(slots).transpose(1, 2)
+            _, slots, mask, span = groups[0]
+            if span is not None:
+                keys, values = kp.read(span)[None].transpose(1, 2), vp.read(span)[None].transpose(1, 2)
+            else:
+                keys, values = kp.read(slots).transpose(1, 2), vp.read(slots).transpose(1, 2)
             o = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
                                                enable_gqa=True)
             return o[:, :, 0]
@@ -310,7 +343,7 @@ class PagedKVCache:
         # key slots are contiguous pieces of the longest one's: gather that once and slice it (same values, so
         # the same SDPA result) instead of gathering every row's keys again.
         big: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        for rows, slots, mask in sorted(groups, key=lambda g: -g[1].shape[1]):
+        for rows, slots, mask, span in sorted(groups, key=lambda g: -g[1].shape[1]):
             keys = values = None
             if big is not None and slots.shape[0] == 1 and mask is None:
                 hit = (big[0] == slots[0, 0]).nonzero()
@@ -318,19 +351,22 @@ class PagedKVCache:
                     off, n = int(hit[0]), slots.shape[1]
                     if off + n <= big[0].shape[0] and torch.equal(big[0][off : off + n], slots[0]):
                         keys, values = big[1][:, :, off : off + n], big[2][:, :, off : off + n]
-            if keys is None:
+            if keys is None and span is not None:
+                keys, values = kp.read(span)[None].transpose(1, 2), vp.read(span)[None].transpose(1, 2)
+            elif keys is None:
                 keys = kp.read(slots).transpose(1, 2)  # [b, Hkv, L, d]
                 values = vp.read(slots).transpose(1, 2)
-                if slots.shape[0] == 1 and mask is None and len(groups) > 1:
-                    big = (slots[0], keys, values)
+            if big is None and slots.shape[0] == 1 and mask is None and len(groups) > 1:
+                big = (slots[0], keys, values)
             qd = q[rows].float().unsqueeze(2)  # [b, H, 1, d]
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[rows] = o[:, :, 0]
 
         for p in lay.prefills:
-            slots, mask = lay.prefill_view(p, window)
-            keys = kp.read(slots).transpose(0, 1)[None]  # [1, Hkv, L, d]
-            values = vp.read(slots).transpose(0, 1)[None]
+            slots, mask, span = lay.prefill_view(p, window)
+            index = span if span is not None else slots
+            keys = kp.read(index).transpose(0, 1)[None]  # [1, Hkv, L, d]
+            values = vp.read(index).transpose(0, 1)[None]
             qp = q[p.row0 : p.row1].float().transpose(0, 1)[None]  # [1, H, n, d]
             o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[p.row0 : p.row1] = o[0].transpose(0, 1)
