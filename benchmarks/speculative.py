@@ -4,7 +4,7 @@
     python3 benchmarks/speculative.py                       # all workloads below
     python3 benchmarks/speculative.py --workloads lookup    # just prompt lookup on SmolLM2
 
-Workloads (batch 1, greedy, the model's other defaults):
+Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty 1.1 unless --repeat-penalty):
   lookup   SmolLM2-135M Q4_1, a ~1000-token document (tests/fixtures/gpl3.txt) and "Summarize the following
            document."; prompt lookup (ngram) vs plain decoding.
   lowbit   SmolLM2 drafted by a Q2_K requantization of itself (`ember quantize ... Q2_K --allow-requantize`,
@@ -42,8 +42,11 @@ def lookup_prompt(model: "ember.Model", n_tokens: int = 1000) -> list[int]:
     return model.prompt_ids(model.template.render(msgs, add_generation_prompt=True))
 
 
+SAMPLING: dict = {"temperature": 0}  # greedy; --repeat-penalty adds to it
+
+
 def run_once(model: "ember.Model", ids: list[int], max_tokens: int) -> dict:
-    stream = model.engine.generate_stream(ids, model._options({"temperature": 0, "max_tokens": max_tokens}))
+    stream = model.engine.generate_stream(ids, model._options({**SAMPLING, "max_tokens": max_tokens}))
     for _ in stream:
         pass
     s = stream.result.stats
@@ -106,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--repeat-penalty", type=float, default=None,
+                    help="override the repeat penalty (default: the model's, Ollama's 1.1; 1.0 is llama.cpp's and "
+                         "OpenAI's default sampler)")
     args = ap.parse_args(argv)
+    if args.repeat_penalty is not None:
+        SAMPLING["repeat_penalty"] = args.repeat_penalty
     results = []
     t0 = time.time()
     for w in args.workloads:
