@@ -22,6 +22,7 @@ from ember.engine.paged_cache import BatchLayout, PagedKVCache
 from ember.engine.sampler import SamplingParams
 from ember.errors import ContextOverflowError, InvalidParameterError
 from ember.model.kv_cache import KVCache
+from engine_helpers import run_all
 from tiny_models import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)  # keeps the default repeat penalty: batched penalties are tested too
@@ -47,17 +48,6 @@ def alone(m, ids, options):
     for _ in stream:
         pass
     return stream.result
-
-
-def run_all(engine, prompts, options):
-    """Add every prompt, step until done; returns {request id: final RequestOutput} in prompt order."""
-    rids = [engine.add_request(p, o) for p, o in zip(prompts, options)]
-    final = {}
-    while engine.has_work():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[r] for r in rids]
 
 
 def assert_same(results, refs):

@@ -22,6 +22,7 @@ from ember.engine.scheduler import Scheduler, SchedulerConfig
 from ember.engine.sequence import Sequence
 from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
 from ember.errors import InvalidParameterError
+from engine_helpers import run_all as run_engine
 from tiny_models import write_tiny_model
 
 
@@ -231,13 +232,7 @@ def repetitive_prompts(m, lengths, seed=0):
 
 
 def run_all(engine, prompts, options):
-    rids = [engine.add_request(p, o) for p, o in zip(prompts, options)]
-    final = {}
-    while engine.has_work():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[r].completion for r in rids]
+    return [out.completion for out in run_engine(engine, prompts, options)]
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft-self", "draft-other"])
