@@ -272,6 +272,7 @@ class GGUFFile:
     file_size: int
     metadata: dict[str, Any]
     metadata_types: dict[str, tuple[GGUFValueType, ...]]  # e.g. (UINT32,) or (ARRAY, STRING)
+    metadata_spans: dict[str, tuple[int, int]]  # key -> [start, end) of its whole key/value record in the file
     tensors: dict[str, TensorInfo]
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -316,8 +317,11 @@ class GGUFFile:
 
         self.metadata = {}
         self.metadata_types = {}
+        self.metadata_spans = {}
         for i in range(n_kv):
+            start = p.pos
             key, types, value = p.key_value(i)
+            self.metadata_spans[key] = (start, p.pos)
             if key in self.metadata:
                 p.fail(f"duplicate metadata key {_show(key)}")
             self.metadata[key] = value
@@ -410,6 +414,13 @@ class GGUFFile:
         if info is None:
             raise GGUFError(f"{self.path}: has no tensor {_show(name)}")
         return info
+
+    def metadata_record(self, key: str) -> bytes:
+        """The raw bytes of one key/value record as stored (key string, value type, value), for copying a
+        value into another GGUF file without decoding and re-encoding it."""
+        start, end = self.metadata_spans[key]
+        assert self._map is not None, "file is closed"
+        return bytes(self._map[start:end])
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The tensor's raw bytes: a read-only 1-D uint8 view on the map, exactly nbytes long."""

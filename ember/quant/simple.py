@@ -28,6 +28,7 @@ one row at a time, several times slower than the transpose itself.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -211,11 +212,17 @@ def _torch_view(x: np.ndarray) -> Any:
     return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
+def _torch_loaded() -> bool:
+    """torch converts several times faster than numpy, but importing it costs ~1.5 s: use it only when the
+    process has it already (the CLI quantizing to a float type does not)."""
+    return "torch" in sys.modules
+
+
 @_quiet
 def quantize_f16(x: np.ndarray) -> np.ndarray:
     """float32 -> IEEE half bytes (round to nearest even; overflow to inf as ggml). torch's conversion is the
     same IEEE rounding at several times numpy's speed; numpy's is kept for NaN (its payload handling)."""
-    if np.isnan(x).any():
+    if np.isnan(x).any() or not _torch_loaded():
         with np.errstate(over="ignore"):
             return x.astype(np.float16).view(np.uint8).reshape(x.shape[0], -1)
     import torch
@@ -227,12 +234,15 @@ def quantize_f16(x: np.ndarray) -> np.ndarray:
 def quantize_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bytes: round to nearest even (torch's conversion, the same formula as ggml's);
     NaN -> top half | 0x40 (quiet), as ggml_compute_fp32_to_bf16 (torch writes a canonical NaN instead)."""
-    import torch
+    u = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
+    if _torch_loaded():
+        import torch
 
-    h = _torch_view(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        h = _torch_view(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:  # ggml_compute_fp32_to_bf16: u + 0x7fff + (lsb of the kept half), top half
+        h = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
-        u = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
         h = h.copy()
         h[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(64)).astype(np.uint16)
     return h.view(np.uint8).reshape(x.shape[0], -1)
