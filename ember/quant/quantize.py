@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ CHUNK_WEIGHTS_BY_TYPE = {T.Q3_K: 1 << 20}
 ITEM_WEIGHTS = 1 << 20
 ITEMS_PER_THREAD = 4
 MIN_ITEM_WEIGHTS = 1 << 16
+# Tensors at least this big are split into items across the threads; smaller ones are converted whole, several
+# tensors at a time.
+BIG_TENSOR_WEIGHTS = 1 << 22
 
 Quantizer = Callable[[np.ndarray], np.ndarray]
 
@@ -279,15 +283,32 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftyp
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             pool = ThreadPoolExecutor(max_workers=n_threads) if n_threads > 1 else None
-            # One writer thread: tensor i is written while tensor i+1 is converted (writing is serial and,
-            # for F16/BF16 outputs, as long as the conversion). At most one write is in flight, so at most
-            # two tensors' outputs are held; tensors reach the file in order.
+            # Small tensors are converted whole, several at once (a per-tensor barrier would leave threads idle
+            # on models made of many small matrices); big ones are split into items across the pool. One
+            # writer thread writes tensor i while later ones are converted; tensors reach the file in order,
+            # and at most `ahead` converted tensors wait in memory.
             writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-quantize-write")
+            tensors = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="ember-quantize-tensor")
+            ahead = 2 * n_threads
             written = None
+
+            def start(p: TensorPlan) -> Any:
+                if not p.convert:
+                    return f.tensor_bytes(p.name)
+                if pool is not None and int(np.prod(p.shape)) >= BIG_TENSOR_WEIGHTS:
+                    return _convert(f, p, pool, n_threads)  # in this thread, items on the pool
+                return tensors.submit(_convert, f, p, None, 1)
+
             try:
-                for i, p in enumerate(plans, 1):
-                    t0 = time.perf_counter()
-                    data = _convert(f, p, pool, n_threads) if p.convert else f.tensor_bytes(p.name)
+                pending: deque[tuple[TensorPlan, Any, float]] = deque()
+                queue_at = 0
+                for i in range(1, len(plans) + 1):
+                    while queue_at < len(plans) and len(pending) < ahead:
+                        p = plans[queue_at]
+                        pending.append((p, start(p), time.perf_counter()))
+                        queue_at += 1
+                    p, job, t0 = pending.popleft()
+                    data = job.result() if hasattr(job, "result") else job
                     if written is not None:
                         written.result()  # re-raises a failed write
                     written = writer.submit(w.write_tensor_data, data)
@@ -300,6 +321,7 @@ def quantize_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftyp
                 if written is not None:
                     written.result()
             finally:
+                tensors.shutdown(cancel_futures=True)
                 writer.shutdown()  # waits: the file is not closed or removed under a running write
                 if pool is not None:
                     pool.shutdown()
