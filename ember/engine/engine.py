@@ -40,9 +40,9 @@ from ember.engine.draft import DraftProposer
 from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import (BatchParams, Sampler, penalty_windows, sample_batch, target_distribution,
-                                  top_logprobs)
-from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
+from ember.engine.speculative import SpeculativeConfig
+from ember.engine.speculator import RequestSpeculation, Speculator
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig
 from ember.engine.sequence import FinishReason, Sequence
 from ember.engine.stop import StopMatcher
@@ -155,8 +155,7 @@ class _Request:
         self.empty = False  # max_tokens == 0: finishes ("length") without running
         self.logprobs: Optional[int] = None  # top alternatives to report per token; None: no logprobs
         self.constraint = options.constraint() if options.constraint is not None else None
-        self.spec: Optional[Speculation] = None  # set by the engine when this request speculates
-        self.ngram: Optional[NgramIndex] = None
+        self.spec: Optional[RequestSpeculation] = None  # set by the engine when this request speculates
 
 
 class Engine:
@@ -197,10 +196,7 @@ class Engine:
         self.draft: Optional[DraftProposer] = None
         if draft_model is not None:
             self.draft = DraftProposer(draft_model, c.n_vocab, num_blocks, config.block_size, config.kv_dtype)
-        self.spec_totals = [0, 0, 0, 0]  # drafted, accepted, verification steps, tokens emitted by them
-        # Speculation's cost check: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
-        self._plain_step: dict[int, float] = {}
-        self._propose_seconds = 0.0
+        self.speculator = Speculator(spec, c.n_vocab, self.draft)
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -243,12 +239,7 @@ class Engine:
         req = _Request(seq, options, sampler, self.tokenizer, sink)
         req.empty = max_tokens == 0
         req.logprobs = logprobs
-        spec = self.config.speculative
-        n_draft = spec.num_tokens if options.draft_num_predict is None else options.draft_num_predict
-        if spec.enabled and n_draft > 0 and req.constraint is None:
-            req.spec = Speculation(n_draft, spec.adaptive)
-            if spec.method == "ngram":
-                req.ngram = NgramIndex(spec.ngram_min, spec.ngram_max)
+        req.spec = self.speculator.for_request(options.draft_num_predict, req.constraint is not None)
         if not req.empty:
             # Fail now, in the caller's thread, rather than in the step that would admit it.
             total = len(ids) + max_tokens
@@ -292,8 +283,8 @@ class Engine:
                 num_preemptions=self.num_preemptions, num_free_blocks=s.block_manager.num_free_blocks,
                 num_blocks=b.num_blocks, prefix_hit_tokens=b.prefix_hit_tokens,
                 prefix_query_tokens=b.prefix_query_tokens,
-                spec_drafted=self.spec_totals[0], spec_accepted=self.spec_totals[1],
-                spec_steps=self.spec_totals[2], spec_emitted=self.spec_totals[3],
+                spec_drafted=self.speculator.drafted, spec_accepted=self.speculator.accepted,
+                spec_steps=self.speculator.steps, spec_emitted=self.speculator.emitted,
             )
 
     # --- the step ----------------------------------------------------------------------------------------
@@ -307,9 +298,8 @@ class Engine:
             outputs += self._drain()
             if not self.scheduler.has_unfinished():
                 return outputs
-            t0 = time.perf_counter()
-            self._propose()
-            self._propose_seconds = time.perf_counter() - t0
+            self.speculator.propose(self.scheduler.running, {
+                sid: (r.spec, r.sampler) for sid, r in self._requests.items() if r.spec is not None})
             batch = self.scheduler.step()
             try:
                 outputs += self._run(batch)
@@ -318,27 +308,6 @@ class Engine:
                 if not isinstance(exc, Exception):
                     raise
         return outputs
-
-    def _propose(self) -> None:
-        """Set draft tokens on the running sequences that speculate and are about to decode."""
-        wants = []
-        for seq in self.scheduler.running:
-            req = self._requests.get(seq.seq_id)
-            if req is None or req.spec is None or seq.num_uncomputed_tokens != 1:
-                continue
-            # Drafts past max_tokens would be cut anyway: the last token always comes from verification.
-            k = min(req.spec.next_length(), seq.max_tokens - seq.num_output_tokens - 1)
-            if k < 1:
-                continue
-            if req.ngram is not None:
-                req.ngram.sync(seq.token_ids)
-                seq.draft_token_ids = req.ngram.propose(k)
-            else:
-                wants.append((seq, k, req.sampler.params))
-        if wants and self.draft is not None:
-            drafts = self.draft.propose(wants)
-            for seq, _, _ in wants:
-                seq.draft_token_ids = drafts.get(seq.seq_id, [])
 
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         self.num_steps += 1
@@ -363,8 +332,12 @@ class Engine:
                 emitted[i] = [t]
         for i, e in enumerate(entries):
             if e.draft:
-                emitted[i] = self._verify(e, logits[offsets[i] : offsets[i] + 1 + len(e.draft)])
-        self._account_step(batch, time.perf_counter() - t0)
+                req = self._requests[e.seq.seq_id]
+                assert req.spec is not None
+                emitted[i] = self.speculator.verify(e, logits[offsets[i] : offsets[i] + 1 + len(e.draft)], req.spec,
+                                                    req.sampler)
+        self.speculator.account(batch, time.perf_counter() - t0,
+                                {sid: r.spec for sid, r in self._requests.items() if r.spec is not None})
 
         stopped: set[int] = set()
         deltas: dict[int, list[tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]]] = {}
@@ -391,12 +364,9 @@ class Engine:
             results.append(tokens[:kept] if e.draft else tokens[0])
 
         finished = {s.seq_id for s in self.scheduler.update(batch, results, stopped)}
-        if self.draft is not None:
-            for e in entries:
-                if e.seq.seq_id in finished:
-                    self.draft.release(e.seq.seq_id)
-                elif e.seq.seq_id in self._requests and self._requests[e.seq.seq_id].spec is not None:
-                    self.draft.rollback(e.seq.seq_id, e.seq.num_tokens - 1)
+        for e in entries:
+            if e.seq.seq_id in self._requests and self._requests[e.seq.seq_id].spec is not None:
+                self.speculator.settle(e.seq, e.seq.seq_id in finished)
         outputs = []
         for rid, items in deltas.items():
             req = self._requests[rid]
@@ -408,50 +378,6 @@ class Engine:
                         req.text.append(text)
                     outputs.append(self._deliver(req, RequestOutput(rid, token, text, logprobs=lp)))
         return outputs
-
-    def _account_step(self, batch: ScheduledBatch, seconds: float) -> None:
-        """Feed speculation's cost check: how long verification steps take relative to plain decode steps of
-        the same number of sequences (only all-decode batches compare; prefill chunks would skew both)."""
-        if any(e.is_prefill for e in batch.scheduled):
-            return
-        n = len(batch.scheduled)
-        drafted = [e for e in batch.scheduled if e.draft]
-        if not drafted:
-            old = self._plain_step.get(n)
-            self._plain_step[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
-            return
-        plain = self._plain_step.get(n)
-        if plain:
-            relative = (seconds + self._propose_seconds) / plain
-            for e in drafted:
-                req = self._requests.get(e.seq.seq_id)
-                if req is not None and req.spec is not None:
-                    req.spec.record_cost(relative)
-
-    def _verify(self, e: ScheduledSeq, rows: torch.Tensor) -> list[int]:
-        """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit (speculative.accept)."""
-        req = self._requests[e.seq.seq_id]
-        drafts = list(e.draft)
-        p = req.sampler.params
-        if p.greedy and not p.penalizes and not p.logit_bias:
-            probs = rows  # accept() compares argmaxes for greedy rows: the raw logits do
-        else:
-            k = len(drafts)
-            bp = BatchParams.from_params([p] * (k + 1), self.model.config.n_vocab)
-            window = None
-            if bp.any_penalty:  # row i's history holds the drafts before it
-                history = e.seq.token_ids
-                window = penalty_windows([history + drafts[:i] for i in range(k + 1)], bp.repeat_last_n)
-            probs = target_distribution(rows, bp, window)
-        tokens = accept(probs, drafts, None if p.greedy else req.sampler.generator)
-        assert req.spec is not None
-        req.spec.record(len(drafts), len(tokens) - 1)
-        totals = self.spec_totals
-        totals[0] += len(drafts)
-        totals[1] += len(tokens) - 1
-        totals[2] += 1
-        totals[3] += len(tokens)
-        return tokens
 
     @staticmethod
     def _logprobs(req: _Request, row: torch.Tensor, token: int) -> Optional[tuple[float, list[tuple[int, float]]]]:
@@ -518,8 +444,7 @@ class Engine:
         if text:
             req.text.append(text)
         self._requests.pop(req.seq.seq_id, None)
-        if self.draft is not None:
-            self.draft.release(req.seq.seq_id)
+        self.speculator.release(req.seq.seq_id)
         seq = req.seq
         now = time.monotonic()
         arrival = seq.arrival_time
@@ -539,8 +464,8 @@ class Engine:
         )
         stats = metrics.stats()
         if req.spec is not None:
-            stats.draft_tokens, stats.accepted_tokens = req.spec.drafted, req.spec.accepted
-            stats.spec_steps = req.spec.steps
+            policy = req.spec.policy
+            stats.draft_tokens, stats.accepted_tokens, stats.spec_steps = policy.drafted, policy.accepted, policy.steps
         completion = Completion("".join(req.text), list(req.out_ids), reason, stats)
         out = RequestOutput(seq.seq_id, token, text, True, reason, completion, metrics, error, logprobs)
         return self._deliver(req, out)

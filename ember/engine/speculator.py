@@ -1,0 +1,130 @@
+"""The engine's speculative-decoding half: per-request policy, proposals before a step, verification and cost
+accounting after it. ember.engine.speculative holds the pure pieces (n-gram index, policy, acceptance rule);
+this module wires them to sequences, samplers and the draft model for the Engine.
+
+Per step: propose() sets `seq.draft_token_ids` on running sequences about to decode (the scheduler then gives
+them 1 + k slots if budget and blocks allow); after the forward pass verify() turns each speculative entry's
+k+1 logits rows into the tokens to emit; account() feeds the cost check; settle() rolls the draft model's KV
+back to what was accepted.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence as SequenceT
+
+import torch
+
+from ember.engine.draft import DraftProposer
+from ember.engine.sampler import BatchParams, Sampler, penalty_windows, target_distribution
+from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
+from ember.engine.sequence import Sequence
+from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
+
+
+class RequestSpeculation:
+    """One request's speculation state: its policy and, for prompt lookup, its n-gram index."""
+
+    def __init__(self, policy: Speculation, ngram: Optional[NgramIndex]) -> None:
+        self.policy = policy
+        self.ngram = ngram
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, n_vocab: int, draft: Optional[DraftProposer]) -> None:
+        self.config = config
+        self.n_vocab = n_vocab
+        self.draft = draft
+        self.drafted = self.accepted = self.steps = self.emitted = 0
+        # The cost check's reference: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
+        self._plain_step: dict[int, float] = {}
+        self._propose_seconds = 0.0
+
+    def for_request(self, draft_num_predict: Optional[int], constrained: bool) -> Optional[RequestSpeculation]:
+        """The state of a new request, or None when it does not speculate (engine setting, draft_num_predict 0,
+        or a token constraint, whose masks would have to be replayed over the drafts)."""
+        cfg = self.config
+        n = cfg.num_tokens if draft_num_predict is None else draft_num_predict
+        if not cfg.enabled or n < 1 or constrained:
+            return None
+        ngram = NgramIndex(cfg.ngram_min, cfg.ngram_max) if cfg.method == "ngram" else None
+        return RequestSpeculation(Speculation(n, cfg.adaptive), ngram)
+
+    def propose(self, running: SequenceT[Sequence], states: dict[int, tuple[RequestSpeculation, Sampler]]) -> None:
+        """Set draft tokens on the sequences of `running` that speculate (`states`: seq id -> its state and
+        sampler) and are about to decode."""
+        t0 = time.perf_counter()
+        wants = []
+        for seq in running:
+            entry = states.get(seq.seq_id)
+            if entry is None or seq.num_uncomputed_tokens != 1:
+                continue
+            spec, sampler = entry
+            # Drafts past max_tokens would be cut anyway: the last token always comes from verification.
+            k = min(spec.policy.next_length(), seq.max_tokens - seq.num_output_tokens - 1)
+            if k < 1:
+                continue
+            if spec.ngram is not None:
+                spec.ngram.sync(seq.token_ids)
+                seq.draft_token_ids = spec.ngram.propose(k)
+            else:
+                wants.append((seq, k, sampler.params))
+        if wants and self.draft is not None:
+            drafts = self.draft.propose(wants)
+            for seq, _, _ in wants:
+                seq.draft_token_ids = drafts.get(seq.seq_id, [])
+        self._propose_seconds = time.perf_counter() - t0
+
+    def verify(self, e: ScheduledSeq, rows: torch.Tensor, spec: RequestSpeculation, sampler: Sampler) -> list[int]:
+        """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit (speculative.accept)."""
+        drafts = list(e.draft)
+        p = sampler.params
+        probs: Any
+        if p.greedy and not p.penalizes and not p.logit_bias:
+            probs = rows  # accept() compares argmaxes for greedy rows: the raw logits do
+        else:
+            k = len(drafts)
+            bp = BatchParams.from_params([p] * (k + 1), self.n_vocab)
+            window = None
+            if bp.any_penalty:  # row i's history holds the drafts before it
+                history = e.seq.token_ids
+                window = penalty_windows([history + drafts[:i] for i in range(k + 1)], bp.repeat_last_n)
+            probs = target_distribution(rows, bp, window)
+        tokens = accept(probs, drafts, None if p.greedy else sampler.generator)
+        spec.policy.record(len(drafts), len(tokens) - 1)
+        self.drafted += len(drafts)
+        self.accepted += len(tokens) - 1
+        self.steps += 1
+        self.emitted += len(tokens)
+        return tokens
+
+    def account(self, batch: ScheduledBatch, seconds: float, states: dict[int, RequestSpeculation]) -> None:
+        """Feed the cost check: how long verification steps take relative to plain decode steps of the same
+        number of sequences (only all-decode batches compare; prefill chunks would skew both)."""
+        if any(e.is_prefill for e in batch.scheduled):
+            return
+        n = len(batch.scheduled)
+        drafted = [e for e in batch.scheduled if e.draft]
+        if not drafted:
+            old = self._plain_step.get(n)
+            self._plain_step[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            return
+        plain = self._plain_step.get(n)
+        if plain:
+            relative = (seconds + self._propose_seconds) / plain
+            for e in drafted:
+                spec = states.get(e.seq.seq_id)
+                if spec is not None:
+                    spec.policy.record_cost(relative)
+
+    def settle(self, seq: Sequence, finished: bool) -> None:
+        """After the scheduler's update: the draft model keeps KV only for accepted positions."""
+        if self.draft is None:
+            return
+        if finished:
+            self.draft.release(seq.seq_id)
+        else:
+            self.draft.rollback(seq.seq_id, seq.num_tokens - 1)
+
+    def release(self, seq_id: int) -> None:
+        if self.draft is not None:
+            self.draft.release(seq_id)
