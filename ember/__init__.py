@@ -2,12 +2,14 @@
 
 import os as _os
 
-# OpenMP threads that spin while waiting collapse when another process holds a core. Measured on this
-# 2-core machine, SmolLM2 decode (tg128): idle machine 81 t/s spinning vs 50 t/s passive; one core busy
-# 25 vs 51; both cores busy as low as 4 vs 47. A local runtime shares the machine with the user's other
-# programs, so by default waiting threads sleep; set OMP_WAIT_POLICY=ACTIVE for a dedicated machine. (Read
-# by torch's OpenMP runtime when it loads, so it must be set before torch is imported.)
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How OpenMP threads wait between torch ops: sleep at once when the machine is busy (spinning threads collapse
+# when another process holds a core), spin briefly when it is idle as Ember starts (decode ~1.8x faster). See
+# ember/wait_policy.py for the measurements. libgomp reads this when torch loads it, hence here, first.
+# Set OMP_WAIT_POLICY or GOMP_SPINCOUNT to decide yourself.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    from ember.wait_policy import choose as _choose
+
+    _choose()
 
 __version__ = "0.1.0"
 
