@@ -26,7 +26,7 @@ from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidPar
 from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
 from ember.model.loader import load_transformer
-from ember.runtime import default_threads, single_threaded
+from ember.runtime import default_threads, release_free_heap, single_threaded
 from ember.store import ResolvedModel
 from ember.tokenizer import Tokenizer
 from ember.tokenizer.chat_template import ChatTemplate, select_template
@@ -75,6 +75,10 @@ class Model:
             raise InvalidParameterError(f"context length {self.n_ctx} is too small")
         with single_threaded():
             self.model = load_transformer(self.file, self.n_ctx, config)
+        # The weights now live in repacked copies: let go of load-time heap and of the file's resident pages
+        # (embedding rows are read from the map again on demand). SmolLM2 steady RSS 541 -> 389 MiB.
+        release_free_heap()
+        self.file.drop_resident_pages()
         self.config = self.model.config
         self.template: ChatTemplate = select_template(self.file.metadata, self.file.architecture)
         if template:

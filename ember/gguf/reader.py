@@ -447,6 +447,14 @@ class GGUFFile:
             except BufferError:
                 pass  # views still exist; the map is unmapped when the last one goes
 
+    def drop_resident_pages(self) -> None:
+        """Let the kernel drop this mapping's resident pages (MADV_DONTNEED on a read-only file map: the data
+        stays in the page cache and is faulted back in on the next access). After loading, the weights live
+        in repacked copies and only embedding rows are read from the map, so the file's pages need not count
+        in the process's RSS."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     @property
     def closed(self) -> bool:
         return self._data is None
