@@ -298,8 +298,9 @@ class Engine:
             outputs += self._drain()
             if not self.scheduler.has_unfinished():
                 return outputs
-            self.speculator.propose(self.scheduler.running, {
-                sid: (r.spec, r.sampler) for sid, r in self._requests.items() if r.spec is not None})
+            if self.speculator.config.enabled:  # no per-step speculation work when it is off (the default)
+                self.speculator.propose(self.scheduler.running, {
+                    sid: (r.spec, r.sampler) for sid, r in self._requests.items() if r.spec is not None})
             batch = self.scheduler.step()
             try:
                 outputs += self._run(batch)
@@ -336,8 +337,9 @@ class Engine:
                 assert req.spec is not None
                 emitted[i] = self.speculator.verify(e, logits[offsets[i] : offsets[i] + 1 + len(e.draft)], req.spec,
                                                     req.sampler)
-        self.speculator.account(batch, time.perf_counter() - t0,
-                                {sid: r.spec for sid, r in self._requests.items() if r.spec is not None})
+        if self.speculator.config.enabled:
+            self.speculator.account(batch, time.perf_counter() - t0,
+                                    {sid: r.spec for sid, r in self._requests.items() if r.spec is not None})
 
         stopped: set[int] = set()
         deltas: dict[int, list[tuple[Optional[int], str, Optional[tuple[float, list[tuple[int, float]]]]]]] = {}
