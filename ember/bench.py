@@ -1,12 +1,13 @@
 """Single-stream speed measurement, modelled on llama.cpp's llama-bench.
 
 Two tests, each repeated and reported as mean ± std tokens/s:
-- ppN: one prompt of N random token ids from an empty cache, run in the generator's 512-token chunks.
+- ppN: one prompt of N random token ids from an empty cache, run in the engine's 512-token chunks.
 - tgM: M single-token decode steps after an (untimed) one-token prefill, i.e. generation from an almost empty
   context, as llama-bench's tg test measures it.
 
-Both drive `Transformer.forward` directly, exactly as ember.engine.generator does, so tokenizer, sampler and
-text streaming stay out of the numbers. Alongside speed we report load time, peak RSS and, for generation,
+Both drive `Transformer.forward` over the engine's paged KV cache with a per-step batch layout, as the
+engine's runner does for one sequence (what `ember run` and the server execute), so the scheduler, tokenizer,
+sampler and text streaming stay out of the numbers, as llama-bench leaves out llama.cpp's sampling. Alongside speed we report load time, peak RSS and, for generation,
 the effective weight bandwidth (bytes of weights read per token x tokens/s) next to this machine's measured
 memory bandwidth: decode is memory-bound, so that ratio says how far we are from the hardware limit.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ember.engine.generator import PREFILL_CHUNK
+from ember.engine.paged_cache import BatchLayout, PagedKVCache
 from ember.kernels.linear import Linear
 from ember.model.transformer import Transformer
 
@@ -211,23 +213,44 @@ def _random_ids(rng: np.random.Generator, n: int, n_vocab: int) -> list[int]:
     return rng.integers(0, n_vocab, size=n).tolist()
 
 
-def run_prompt(model: Transformer, ids: list[int], n_ctx: int) -> float:
-    """Seconds to prefill `ids` into a fresh cache in the generator's chunks (last-position logits only)."""
-    cache = model.new_cache(n_ctx)
+class PagedRun:
+    """One sequence on a paged KV cache laid out as the engine's runner lays it out (its block size and KV
+    dtype, a block table, a BatchLayout per step), so pp/tg time the attention path users run, not the
+    contiguous reference cache. The table is blocks 0..n-1 in order, as a fresh engine hands them out."""
+
+    def __init__(self, model: Transformer, n_ctx: int, block_size: int = 16, kv_dtype: str = "float16"):
+        c = model.config
+        n_blocks = -(-n_ctx // block_size)
+        self.model = model
+        self.cache = PagedKVCache(c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, n_blocks, block_size, kv_dtype)
+        self.table = list(range(n_blocks))
+
+    def forward(self, ids: list[int], start: int) -> torch.Tensor:
+        """Positions [start, start + len(ids)) -> logits of the last one (as a sampling entry gets them)."""
+        n = len(ids)
+        self.cache.set_batch(BatchLayout.build(self.cache.block_size, [(self.table, start, n)], self.cache.exact))
+        return self.model.forward(torch.tensor(ids, dtype=torch.long), torch.arange(start, start + n),
+                                  self.cache,  # type: ignore[arg-type]  # duck-typed like KVCache
+                                  logit_rows=torch.tensor([n - 1]))
+
+
+def run_prompt(model: Transformer, ids: list[int], n_ctx: int, block_size: int = 16, kv_dtype: str = "float16") -> float:
+    """Seconds to prefill `ids` into a fresh paged cache in the engine's chunks (last-position logits only)."""
+    run = PagedRun(model, n_ctx, block_size, kv_dtype)
     t0 = time.perf_counter()
     for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = ids[start : start + PREFILL_CHUNK]
-        model.forward(torch.tensor(chunk, dtype=torch.long), torch.arange(start, start + len(chunk)), cache)
+        run.forward(ids[start : start + PREFILL_CHUNK], start)
     return time.perf_counter() - t0
 
 
-def run_generation(model: Transformer, ids: list[int], n_ctx: int) -> float:
-    """Seconds for len(ids)-1 single-token steps after a one-token prefill (untimed) into a fresh cache."""
-    cache = model.new_cache(n_ctx)
-    model.forward(torch.tensor(ids[:1], dtype=torch.long), torch.arange(0, 1), cache)
+def run_generation(model: Transformer, ids: list[int], n_ctx: int, block_size: int = 16,
+                   kv_dtype: str = "float16") -> float:
+    """Seconds for len(ids)-1 single-token steps after a one-token prefill (untimed) into a fresh paged cache."""
+    run = PagedRun(model, n_ctx, block_size, kv_dtype)
+    run.forward(ids[:1], 0)
     t0 = time.perf_counter()
     for pos in range(1, len(ids)):
-        model.forward(torch.tensor(ids[pos : pos + 1], dtype=torch.long), torch.arange(pos, pos + 1), cache)
+        run.forward(ids[pos : pos + 1], pos)
     return time.perf_counter() - t0
 
 
@@ -279,6 +302,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
     m = ember.load(cfg.model, n_ctx=n_ctx, threads=cfg.threads, speculative=cfg.speculative, draft=cfg.draft)
     try:
         model = m.model
+        layout = (m.engine.config.block_size, m.engine.config.kv_dtype)
         n_vocab = model.config.n_vocab
         rng = np.random.default_rng(cfg.seed)
         tests: list[TestResult] = []
@@ -287,14 +311,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
             ids = _random_ids(rng, cfg.n_prompt, n_vocab)
             tests.append(
                 _repeat(TestResult(f"pp{cfg.n_prompt}", cfg.n_prompt, 0),
-                        lambda: run_prompt(model, ids, n_ctx), cfg.repetitions, cfg.warmup)
+                        lambda: run_prompt(model, ids, n_ctx, *layout), cfg.repetitions, cfg.warmup)
             )
         if cfg.n_gen > 0:
             say(f"tg{cfg.n_gen}: {cfg.repetitions} runs")
             ids = _random_ids(rng, cfg.n_gen + 1, n_vocab)
             tests.append(
                 _repeat(TestResult(f"tg{cfg.n_gen}", 0, cfg.n_gen),
-                        lambda: run_generation(model, ids, n_ctx), cfg.repetitions, cfg.warmup)
+                        lambda: run_generation(model, ids, n_ctx, *layout), cfg.repetitions, cfg.warmup)
             )
         if cfg.speculative and cfg.n_gen > 0:
             ids = copyable_prompt(rng, max(cfg.n_prompt, 128), n_vocab)

@@ -149,3 +149,27 @@ def test_speculative_tests_report_acceptance(capsys, tiny):
     # The model drafting for itself: most drafts are accepted (not all: the draft computes its KV in other
     # chunks than the main model, and a random tiny model is full of near-ties that last bits flip).
     assert spec["acceptance"] > 0.5 and spec["tokens_per_step"] > 1.5
+
+
+def test_bench_runs_the_engines_paged_path(tiny):
+    """pp/tg time the paged cache the engine uses; its logits are the model's (contiguous reference cache,
+    same positions): a bench over some other computation would fail here."""
+    import torch
+
+    from ember.bench import PagedRun
+
+    m = ember.load(str(tiny), n_ctx=64)
+    try:
+        ids = [3, 17, 5, 9, 30, 2, 11]
+        run = PagedRun(m.model, 64, block_size=4)
+        ref = m.model.new_cache(64)
+        got = run.forward(ids[:5], 0)
+        want = m.model.forward(torch.tensor(ids[:5]), torch.arange(5), ref)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        for pos in (5, 6):  # decode steps crossing a block boundary
+            got = run.forward(ids[pos : pos + 1], pos)
+            want = m.model.forward(torch.tensor(ids[pos : pos + 1]), torch.arange(pos, pos + 1), ref)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        assert run.cache.layout is not None and run.cache.layout.num_tokens == 1
+    finally:
+        m.close()
