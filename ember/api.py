@@ -26,7 +26,7 @@ from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidPar
 from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
 from ember.model.loader import load_transformer
-from ember.runtime import default_threads, release_free_heap, single_threaded
+from ember.runtime import default_threads, keep_buffers_in_heap, release_free_heap, single_threaded
 from ember.store import ResolvedModel
 from ember.tokenizer import Tokenizer
 from ember.tokenizer.chat_template import ChatTemplate, select_template
@@ -73,6 +73,7 @@ class Model:
         self.n_ctx = int(n_ctx or min(DEFAULT_CTX, int(train_ctx)))
         if self.n_ctx < 8:
             raise InvalidParameterError(f"context length {self.n_ctx} is too small")
+        keep_buffers_in_heap()
         with single_threaded():
             self.model = load_transformer(self.file, self.n_ctx, config)
         # The weights now live in repacked copies: let go of load-time heap and of the file's resident pages
