@@ -7,13 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+_OWN_CACHE_DIR: str | None = None
 
-# Temporary until ember.store.catalog lands: development copies of the reference files.
+
+def pytest_configure(config) -> None:
+    """Repacked-weight cache (ember/model/pack_cache.py) of this run in a temporary directory: tests then
+    neither litter the user's cache nor depend on what an earlier run left there."""
+    global _OWN_CACHE_DIR
+    if "EMBER_CACHE_DIR" not in os.environ:
+        _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="ember-test-cache-")
+        os.environ["EMBER_CACHE_DIR"] = _OWN_CACHE_DIR
+
+
+def pytest_unconfigure(config) -> None:
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+# Fallback when ember.store.catalog cannot be imported: development copies of the reference files.
 _DEV_MODELS = {
     "smollm2": Path("/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3": Path("/tmp/models/gemma-3-270m-q4_k_m.gguf"),

@@ -47,6 +47,10 @@ class Linear:
     def nbytes(self) -> int:  # bytes of weight data read per forward pass
         raise NotImplementedError
 
+    def state(self) -> dict:  # pragma: no cover - interface
+        """Tensors and sizes that rebuild this Linear without repacking (see linear_from_state)."""
+        raise NotImplementedError
+
 
 _exact = threading.local()
 
@@ -76,6 +80,22 @@ class Int4Linear(Linear):
         # kernel layout: [K / group, N, 2] holding (scale, zero)
         self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()
         self.bias = bias
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, planes: int, in_features: int,
+                    bias: torch.Tensor | None = None) -> "Int4Linear":
+        """An Int4Linear over tensors already in the kernel's layout (e.g. from ember.model.pack_cache)."""
+        self = cls.__new__(cls)
+        n = scales_zeros.shape[1]
+        if scales_zeros.shape != (planes * in_features // GROUP, n, 2) or packed.shape[0] != n:
+            raise ValueError("packed int4 tensors do not match their sizes")
+        self.planes, self.out_features, self.in_features = planes, n, in_features
+        self.packed, self.scales_zeros, self.bias = packed, scales_zeros, bias
+        return self
+
+    def state(self) -> dict:
+        return {"kind": "int4", "packed": self.packed, "scales_zeros": self.scales_zeros,
+                "planes": self.planes, "in_features": self.in_features, "bias": self.bias}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(COMPUTE_DTYPE)
@@ -132,6 +152,22 @@ class DenseLinear(Linear):
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
+
+    def state(self) -> dict:
+        return {"kind": "dense", "weight": self.weight, "bias": self.bias}
+
+
+def linear_from_state(state: dict) -> Linear:
+    """Inverse of Linear.state(). Raises KeyError/ValueError on a state this code did not write."""
+    if state["kind"] == "int4":
+        return Int4Linear.from_packed(state["packed"], state["scales_zeros"], int(state["planes"]),
+                                      int(state["in_features"]), state["bias"])
+    if state["kind"] == "dense":
+        weight = state["weight"]
+        if weight.dtype != COMPUTE_DTYPE or weight.dim() != 2:
+            raise ValueError("dense weight of the wrong type")
+        return DenseLinear(weight, state["bias"])
+    raise ValueError(f"unknown linear kind {state['kind']!r}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import Callable
 from ember.errors import UnsupportedError
 from ember.model import gemma3, llama
 from ember.model.config import ModelConfig, config_from_metadata
+from ember.model.pack_cache import PackCache
 from ember.model.transformer import Transformer
 from ember.model.weights import Weights
 
@@ -15,10 +16,15 @@ BUILDERS: dict[str, Callable[[ModelConfig, Weights, int], Transformer]] = {
 }
 
 
-def load_transformer(gguf_file, n_ctx: int, config: ModelConfig | None = None) -> Transformer:
-    """Build the model of `gguf_file` with rope tables sized for `n_ctx` positions."""
+def load_transformer(gguf_file, n_ctx: int, config: ModelConfig | None = None, pack_cache: bool = True) -> Transformer:
+    """Build the model of `gguf_file` with rope tables sized for `n_ctx` positions. pack_cache: reuse and
+    record repacked weights on disk (ember.model.pack_cache; EMBER_PACK_CACHE=0 turns it off everywhere)."""
     config = config or config_from_metadata(gguf_file.metadata)
     builder = BUILDERS.get(config.family)
     if builder is None:
         raise UnsupportedError(f"unsupported architecture {config.architecture!r}")
-    return builder(config, Weights(gguf_file), n_ctx)
+    cache = PackCache.for_file(gguf_file.path) if pack_cache else None
+    model = builder(config, Weights(gguf_file, cache), n_ctx)
+    if cache is not None:
+        cache.save()
+    return model

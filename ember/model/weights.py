@@ -13,15 +13,17 @@ from ember.errors import GGUFError, UnsupportedError
 from ember.kernels.embedding import Embedding
 from ember.kernels.linear import Linear, WeightParts, build_linear, weight_parts
 from ember.model.config import ModelConfig
+from ember.model.pack_cache import PackCache
 from ember.model.layers import FeedForward, RMSNorm
 from ember.model.transformer import Transformer
 from ember.quant import FORMATS, dequantize
 
 
 class Weights:
-    def __init__(self, gguf_file):
+    def __init__(self, gguf_file, pack_cache: "PackCache | None" = None):
         self.file = gguf_file
         self.used: set[str] = set()
+        self.pack_cache = pack_cache  # serves and records repacked Linears (ember.model.pack_cache)
 
     def has(self, name: str) -> bool:
         return name in self.file.tensors
@@ -54,11 +56,25 @@ class Weights:
         return weight_parts(raw, qtype, (n_in, n_out), b)
 
     def linear(self, name: str, n_in: int, n_out: int, bias: str | None = None) -> Linear:
-        return build_linear([self.parts(name, n_in, n_out, bias)])
+        return self.fused([(name, n_in, n_out, bias)])
 
     def fused(self, specs: list[tuple[str, int, int, str | None]]) -> Linear:
         """One Linear for several weights that read the same input: outputs concatenated in order."""
-        return build_linear([self.parts(*spec) for spec in specs])
+        cache = self.pack_cache
+        if cache is None:
+            return build_linear([self.parts(*spec) for spec in specs])
+        # The checks of _info run either way, so a file with a missing or misshapen tensor still fails.
+        present = [(name, n_in, n_out, b if b and self.has(b) else None) for name, n_in, n_out, b in specs]
+        for name, n_in, n_out, b in present:
+            self._info(name, (n_in, n_out))
+            if b:
+                self._info(b, (n_out,))
+        key = "+".join(f"{name}:{b or ''}" for name, _, _, b in present)
+        lin = cache.lookup(key, specs[0][1], sum(n_out for _, _, n_out, _ in specs))
+        if lin is None:
+            lin = build_linear([self.parts(*spec) for spec in specs])
+            cache.add(key, lin)
+        return lin
 
     def embedding(self, name: str, dim: int, n_vocab: int) -> Embedding:
         raw, qtype = self.raw(name, (dim, n_vocab))
