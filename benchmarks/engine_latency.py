@@ -7,6 +7,9 @@ shared-prefix  16 requests with the same ~1000-token system prompt and different
                alone; the other 15 arrive together once it has its first token. Reports the first request's
                time to first token (TTFT), the later ones' (median and worst), their ratio, and how many
                prompt tokens the prefix cache served. Target: later TTFT <= 1/5 of the first.
+shared-prefix-staggered  the same 16 requests, but each later one arrives when the one before it has its
+               first token (users trickling in while earlier answers still stream), so each newcomer's own
+               suffix is prefilled next to the running decodes rather than 15 suffixes in one step.
 long-prefill   4 streams decoding, then a ~4000-token prompt arrives. Reports the streams' median gap between
                two tokens before it arrived and the worst gap while it was being prefilled (chunked prefill
                keeps each step's token budget, so running streams keep getting tokens every step).
@@ -68,15 +71,23 @@ class Timed:
         return [b - a for a, b in zip(self.times, self.times[1:]) if since <= b <= until]
 
 
-def shared_prefix(m: "ember.Model") -> dict:
+def _wait_first_token(r: Timed) -> None:
+    while not r.times:
+        time.sleep(0.001)
+
+
+def shared_prefix(m: "ember.Model", staggered: bool = False) -> dict:
     engine = Engine(m.model, m.tokenizer, EngineConfig(max_model_len=4096, kv_cache_bytes=512 << 20))
     engine.start_background()
     system = "You answer questions about this license.\n\n" + text_tokens(m, 1000)
     questions = [f"Question {i}: what does section {i} say?" for i in range(16)]
     first = Timed(engine, chat_ids(m, system, questions[0]), 8)
-    while not first.times:
-        time.sleep(0.001)
-    later = [Timed(engine, chat_ids(m, system, q), 8) for q in questions[1:]]
+    _wait_first_token(first)
+    later = []
+    for q in questions[1:]:
+        later.append(Timed(engine, chat_ids(m, system, q), 8))
+        if staggered:
+            _wait_first_token(later[-1])
     for r in [first] + later:
         r.done.wait()
     engine.stop_background()
@@ -112,12 +123,14 @@ def long_prefill(m: "ember.Model") -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--workloads", nargs="+", default=["shared-prefix", "long-prefill"])
+    ap.add_argument("--workloads", nargs="+", default=["shared-prefix", "shared-prefix-staggered", "long-prefill"])
     args = ap.parse_args(argv)
     m = ember.load(args.model, n_ctx=8192)
-    if "shared-prefix" in args.workloads:
-        r = shared_prefix(m)
-        print(f"shared-prefix ({r['prompt_tokens']} prompt tokens, 16 requests): first TTFT "
+    for name in ("shared-prefix", "shared-prefix-staggered"):
+        if name not in args.workloads:
+            continue
+        r = shared_prefix(m, staggered=name.endswith("staggered"))
+        print(f"{name} ({r['prompt_tokens']} prompt tokens, 16 requests): first TTFT "
               f"{1000 * r['first_ttft']:.0f} ms; later TTFT p50 {1000 * r['later_ttft_p50']:.0f} ms, max "
               f"{1000 * r['later_ttft_max']:.0f} ms; ratio {r['ratio']:.3f} (target <= 0.2); "
               f"cached prompt tokens p50 {r['cached_p50']:.0f}")

@@ -189,6 +189,11 @@ def _s(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} s"
 
 
+def _source(e: "EngineResult") -> str:
+    """Marks an Ember load served by the pack cache (ember/model/pack_cache.py) rather than repacked."""
+    return " (cached)" if e.raw and e.raw.get("weights_source") == "pack cache" else ""
+
+
 def _gbs(weights: int | None, tg: tuple[float, float] | None) -> str:
     return "n/a" if weights is None or tg is None else f"{weights * tg[0] / 1e9:.1f}"
 
@@ -202,7 +207,7 @@ def markdown(results: list[Comparison], a: argparse.Namespace, bw: tuple[float, 
         L, E = c.llamacpp, c.ember
         lines.append(
             f"| {c.model} | {_ms(L.pp)} | {_ms(E.pp)} | {_ratio(E.pp, L.pp)} | {_ms(L.tg)} | {_ms(E.tg)} "
-            f"| {_ratio(E.tg, L.tg)} | {_s(L.load_s)} / {_s(E.load_s)} "
+            f"| {_ratio(E.tg, L.tg)} | {_s(L.load_s)} / {_s(E.load_s)}{_source(E)} "
             f"| {_mib(L.peak_rss_bytes)} / {_mib(E.peak_rss_bytes)} |"
         )
     lines += ["", f"| model | llama.cpp weights/token | llama.cpp {tg} GB/s | Ember weights/token "
@@ -217,7 +222,8 @@ def markdown(results: list[Comparison], a: argparse.Namespace, bw: tuple[float, 
                      f"{bw[1]:.1f} GB/s {a.threads} threads.")
     lines.append(f"Settings: -p {a.n_prompt} -n {a.n_gen} -t {a.threads} -r {a.repetitions}; t/s mean ± std. "
                  "llama.cpp weights/token = its model_size (all GGUF tensors); Ember's = resident Linear "
-                 "weights + one embedding row.")
+                 "weights + one embedding row. Ember load \"(cached)\": repacked weights mapped from the "
+                 "pack cache written by an earlier load; otherwise converted from the GGUF in that run.")
     for c in results:
         for name, r in (("llama.cpp", c.llamacpp), ("Ember", c.ember)):
             if not r.available:

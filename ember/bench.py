@@ -104,6 +104,7 @@ class BenchReport:
     threads: int
     n_ctx: int
     load_seconds: float
+    weights_source: str  # "repacked" (GGUF blocks converted at load) or "pack cache" (mapped from disk)
     peak_rss_bytes: int  # high-water mark of this process after the tests (VmHWM, else ru_maxrss)
     weight_bytes_per_token: int  # resident repacked Linear weights + one embedding row
     mem_bandwidth_gbs: float | None  # machine read bandwidth, one thread
@@ -332,6 +333,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
         info = m.info()
         threads = torch.get_num_threads()
         rss = peak_rss_bytes()
+        weights_source = model.weights_source
         wbytes = weight_bytes_per_token(model)
     finally:
         m.close()
@@ -350,6 +352,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
         threads=threads,
         n_ctx=n_ctx,
         load_seconds=m.load_seconds,
+        weights_source=weights_source,
         peak_rss_bytes=rss,
         weight_bytes_per_token=wbytes,
         mem_bandwidth_gbs=bw1,

@@ -40,8 +40,12 @@ def builds(monkeypatch) -> list[int]:
     return count
 
 
+SOURCES: list[str] = []  # weights_source of each load, in order
+
+
 def _logits(path: Path) -> torch.Tensor:
     m = ember.load(str(path), n_ctx=64)
+    SOURCES.append(m.model.weights_source)
     try:
         return m.model.forward(IDS, torch.arange(len(IDS)), m.model.new_cache(64), all_logits=True)
     finally:
@@ -59,6 +63,7 @@ def test_second_load_maps_the_saved_weights(tmp_path, cache_dir, builds, arch, q
     second = _logits(path)
     assert builds[0] == 0  # nothing repacked
     assert torch.equal(first, second)
+    assert SOURCES[-2:] == ["repacked, saved to pack cache", "pack cache"]
 
 
 def test_off_switch_writes_nothing(tmp_path, cache_dir, builds, monkeypatch):
@@ -67,6 +72,7 @@ def test_off_switch_writes_nothing(tmp_path, cache_dir, builds, monkeypatch):
     monkeypatch.setenv("EMBER_PACK_CACHE", "0")
     _logits(path)
     _logits(path)
+    assert SOURCES[-1] == "repacked"
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
     assert builds[0] > 0
 

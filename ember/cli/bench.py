@@ -131,7 +131,7 @@ def format_table(report: Any) -> str:
     lines += [
         "",
         f"model: {report.model} ({report.path})",
-        f"load time: {report.load_seconds:.3f} s",
+        f"load time: {report.load_seconds:.3f} s ({report.weights_source})",
         f"peak RSS: {_gib(report.peak_rss_bytes)}",
         f"weights read per token: {_gib(report.weight_bytes_per_token)}",
         f"generation weight bandwidth: {_gbs(report.tg_bandwidth_gbs)}"
@@ -151,7 +151,8 @@ def format_json(report: Any) -> str:
 
 CSV_FIELDS = [
     "model", "path", "architecture", "quantization", "parameters", "file_size", "threads", "n_ctx", "test",
-    "n_prompt", "n_gen", "repetitions", "avg_ts", "stddev_ts", "avg_s", "load_seconds", "peak_rss_bytes",
+    "n_prompt", "n_gen", "repetitions", "avg_ts", "stddev_ts", "avg_s", "load_seconds", "weights_source",
+    "peak_rss_bytes",
     "weight_bytes_per_token", "weight_bandwidth_gbs", "mem_bandwidth_gbs", "mem_bandwidth_threads_gbs",
 ]
 
@@ -168,7 +169,8 @@ def format_csv(report: Any) -> str:
             "threads": report.threads, "n_ctx": report.n_ctx, "test": t.name, "n_prompt": t.n_prompt,
             "n_gen": t.n_gen, "repetitions": len(t.samples_s), "avg_ts": f"{t.avg_ts:.4f}",
             "stddev_ts": f"{t.stddev_ts:.4f}", "avg_s": f"{sum(t.samples_s) / len(t.samples_s):.6f}",
-            "load_seconds": f"{report.load_seconds:.4f}", "peak_rss_bytes": report.peak_rss_bytes,
+            "load_seconds": f"{report.load_seconds:.4f}", "weights_source": report.weights_source,
+            "peak_rss_bytes": report.peak_rss_bytes,
             "weight_bytes_per_token": report.weight_bytes_per_token,
             "weight_bandwidth_gbs": "" if not t.n_gen else f"{report.weight_bytes_per_token * t.avg_ts / 1e9:.3f}",
             "mem_bandwidth_gbs": "" if report.mem_bandwidth_gbs is None else f"{report.mem_bandwidth_gbs:.3f}",

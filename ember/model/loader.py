@@ -25,6 +25,9 @@ def load_transformer(gguf_file, n_ctx: int, config: ModelConfig | None = None, p
         raise UnsupportedError(f"unsupported architecture {config.architecture!r}")
     cache = PackCache.for_file(gguf_file.path) if pack_cache else None
     model = builder(config, Weights(gguf_file, cache), n_ctx)
-    if cache is not None:
+    if cache is None:
+        model.weights_source = "repacked"
+    else:
+        model.weights_source = "pack cache" if cache.hits and not cache.pending else "repacked, saved to pack cache"
         cache.save()
     return model

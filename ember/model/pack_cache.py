@@ -105,6 +105,11 @@ class PackCache:
         self.hits += 1
         return lin
 
+    @property
+    def pending(self) -> int:
+        """Linears built by this load and not yet saved."""
+        return len(self._new)
+
     def add(self, key: str, lin: Linear) -> None:
         self._new[key] = lin.state()
 

@@ -34,6 +34,7 @@ class Transformer:
         self.blocks = blocks
         self.norm = norm
         self.output = output
+        self.weights_source = "repacked"  # or "pack cache": how the loader got the Linears (set by it)
 
     def new_cache(self, n_ctx: int, dtype: torch.dtype = torch.float16) -> KVCache:
         c = self.config
