@@ -146,6 +146,26 @@ def test_storage_dtypes_round_trip(dtype):
     assert cache.nbytes == 4 * per_block
 
 
+@pytest.mark.parametrize("dtype", ["float16", "q8_0"])
+def test_head_major_reads_hold_the_same_values(dtype):
+    """read_heads (what attention uses) = read() moved head-major, for slots, runs and batched slots."""
+    rng = np.random.default_rng(4)
+    cache = PagedKVCache(1, 2, 32, 32, 8, 4, dtype=dtype)
+    pool = cache.k[0]
+    pool.write(torch.arange(32), _random_kv(rng, 32, 2))
+    slots = torch.tensor([4, 5, 6, 7, 12, 13, 20])
+    want = pool.read(slots).transpose(0, 1)
+    runs = (slice(4, 8), slice(12, 14), slice(20, 21))
+    for index in (slots, runs):
+        got = pool.read_heads(index)
+        assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(pool.read_heads((slice(4, 8),)), pool.read(slice(4, 8)).transpose(0, 1))
+    batch = torch.stack([slots, slots.flip(0)])
+    got = pool.read_heads(batch)
+    assert got.shape == (2, 2, 7, 32) and got.is_contiguous()
+    assert torch.equal(got[1], pool.read(slots.flip(0)).transpose(0, 1))
+
+
 def test_apply_copies_copies_whole_blocks_in_every_layer():
     cache = PagedKVCache(2, 1, 32, 32, 4, 2, dtype="q8_0")
     x = torch.randn(2, 1, 32)

@@ -98,6 +98,25 @@ class _Pool:
         q = self.flat[index].float().unflatten(-1, (-1, Q8_GROUP))
         return (q * self.flat_scale[index].float()[..., None]).flatten(-2)
 
+    def read_heads(self, index: torch.Tensor | tuple[slice, ...]) -> torch.Tensor:
+        """What read() returns, head-major and contiguous: 1-D slots or runs -> [n_head, L, dim], slots
+        [b, L] -> [b, n_head, L, dim], float32. The layout attention wants: CPU SDPA over keys contiguous per
+        head is ~30% faster than over the [L, n_head, dim] order the pool stores (1024 keys: 137 vs 191 us
+        per layer, conversion included), with bit-identical results (SDPA does not depend on the strides)."""
+        if self.flat_scale is not None:
+            return self.read(index).movedim(-2, -3).contiguous()
+        if isinstance(index, tuple):
+            if len(index) == 1:
+                return self.flat[index[0]].transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+            n_head, dim = self.flat.shape[1:]
+            out = torch.empty((n_head, sum(r.stop - r.start for r in index), dim), dtype=torch.float32)
+            at = 0
+            for r in index:
+                out[:, at : at + r.stop - r.start].copy_(self.flat[r].transpose(0, 1))
+                at += r.stop - r.start
+            return out
+        return self.flat[index].movedim(-2, -3).to(torch.float32, memory_format=torch.contiguous_format)
+
     def copy_block(self, src: int, dst: int) -> None:
         self.data[dst].copy_(self.data[src])
         if self.scale is not None:
@@ -331,9 +350,9 @@ class PagedKVCache:
             # so skip the gather of q and the scatter into `out` (same SDPA call, same result)
             _, slots, mask, span = groups[0]
             if span is not None:
-                keys, values = kp.read(span)[None].transpose(1, 2), vp.read(span)[None].transpose(1, 2)
+                keys, values = kp.read_heads(span)[None], vp.read_heads(span)[None]
             else:
-                keys, values = kp.read(slots).transpose(1, 2), vp.read(slots).transpose(1, 2)
+                keys, values = kp.read_heads(slots), vp.read_heads(slots)
             o = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
                                                enable_gqa=True)
             return o[:, :, 0]
@@ -352,10 +371,9 @@ class PagedKVCache:
                     if off + n <= big[0].shape[0] and torch.equal(big[0][off : off + n], slots[0]):
                         keys, values = big[1][:, :, off : off + n], big[2][:, :, off : off + n]
             if keys is None and span is not None:
-                keys, values = kp.read(span)[None].transpose(1, 2), vp.read(span)[None].transpose(1, 2)
+                keys, values = kp.read_heads(span)[None], vp.read_heads(span)[None]
             elif keys is None:
-                keys = kp.read(slots).transpose(1, 2)  # [b, Hkv, L, d]
-                values = vp.read(slots).transpose(1, 2)
+                keys, values = kp.read_heads(slots), vp.read_heads(slots)  # [b, Hkv, L, d]
             if big is None and slots.shape[0] == 1 and mask is None and len(groups) > 1:
                 big = (slots[0], keys, values)
             qd = q[rows].float().unsqueeze(2)  # [b, H, 1, d]
@@ -365,8 +383,7 @@ class PagedKVCache:
         for p in lay.prefills:
             slots, mask, span = lay.prefill_view(p, window)
             index = span if span is not None else slots
-            keys = kp.read(index).transpose(0, 1)[None]  # [1, Hkv, L, d]
-            values = vp.read(index).transpose(0, 1)[None]
+            keys, values = kp.read_heads(index)[None], vp.read_heads(index)[None]  # [1, Hkv, L, d]
             qp = q[p.row0 : p.row1].float().transpose(0, 1)[None]  # [1, H, n, d]
             o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[p.row0 : p.row1] = o[0].transpose(0, 1)
