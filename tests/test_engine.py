@@ -121,13 +121,39 @@ def test_padded_decode_groups_and_numerics():
         q, k, v = _random_kv(rng, 3, 4), _random_kv(rng, 3), _random_kv(rng, 3)
         outs[exact] = cache.attend(0, q, k, v, torch.tensor(lens), 0.2, 0)
         groups = layout.decode_groups(0)
-        assert sorted(int(s.shape[1]) for _, s, _, _ in groups) == ([4, 10] if exact else [10])
-        assert all((mask is None) == exact for _, _, mask, _ in groups)
+        assert [int(s.shape[1]) for _, s, _, _, _ in groups] == ([10, 4] if exact else [10])  # longest first
+        assert all((mask is None) == exact for _, _, mask, _, _ in groups)
         # one-row groups read their keys as runs of consecutive slots, no gather
-        assert all((span is not None) == (exact and len(r) == 1) for r, _, _, span in groups)
+        assert all((span is not None) == (exact and len(r) == 1) for r, _, _, span, _ in groups)
+        assert all(within is None for *_, within in groups)  # other sequences' keys: nothing to share
         # windowed: spans 2, 2, 2 -> a single unpadded group either way
-        assert [s.shape for _, s, _, _ in layout.decode_groups(2)] == [torch.Size([3, 2])]
+        assert [s.shape for _, s, _, _, _ in layout.decode_groups(2)] == [torch.Size([3, 2])]
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+
+
+def test_verification_rows_share_the_longest_rows_keys():
+    """A speculative entry arrives as one-row entries at consecutive positions of one table: every shorter
+    row is found as a slice of the longest one's slots (read once per layer), and attention over the slice
+    is bit-identical to each row read on its own."""
+    table, n = [3, 0, 5, 1], 9  # out of order: several runs
+    rng = np.random.default_rng(6)
+    cache = PagedKVCache(1, 2, 32, 32, 8, 4)
+    cache.set_batch(BatchLayout.build(4, [(table, 0, n)]))
+    cache.attend(0, _random_kv(rng, n, 4), _random_kv(rng, n), _random_kv(rng, n), torch.arange(n), 0.2, 0)
+    layout = BatchLayout.build(4, [(table, p, 1) for p in range(n, n + 4)] + [([6, 7], 3, 1)])
+    groups = layout.decode_groups(0)
+    assert [int(g[1].shape[1]) for g in groups] == [13, 12, 11, 10, 4]
+    assert [g[4] for g in groups] == [None, (0, 12), (0, 11), (0, 10), None]
+    # window 3: every row attends to 3 keys, so all rows form one unpadded group (nothing to slice)
+    assert [(int(g[1].shape[0]), g[4]) for g in layout.decode_groups(3)] == [(5, None)]
+    q, k, v = _random_kv(rng, 5, 4), _random_kv(rng, 5), _random_kv(rng, 5)
+    cache.set_batch(layout)
+    together = cache.attend(0, q, k, v, torch.tensor([n, n + 1, n + 2, n + 3, 3]), 0.2, 0)
+    for row in range(4):  # each row alone, after the whole pass's keys are written
+        alone = BatchLayout.build(4, [(table, n + row, 1)])
+        cache.set_batch(alone)
+        o = cache.attend(0, q[row : row + 1], k[row : row + 1], v[row : row + 1], torch.tensor([n + row]), 0.2, 0)
+        assert torch.equal(o, together[row : row + 1])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "q8_0"])

@@ -155,6 +155,11 @@ class _Prefill:
         return self.start + self.row1 - self.row0
 
 
+# (flat rows [b], key slots [b, L], mask or None, one row's runs or None, (offset, length) within group 0)
+DecodeGroup = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[slice, ...] | None",
+                    "tuple[int, int] | None"]
+
+
 @dataclass
 class BatchLayout:
     """Where each token of a flat batch goes and what it attends to; built by the runner once per step."""
@@ -166,9 +171,7 @@ class BatchLayout:
     decode_lens: torch.Tensor  # [B] long: context length (keys [0, len)) of each, i.e. its position + 1
     decode_tables: torch.Tensor  # [B, max_blocks] long, NULL entries and padding replaced by 0
     exact: bool = True  # decode groups without padding (see PagedKVCache)
-    _decode_views: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[slice, ...] | None]]] = field(
-        default_factory=dict
-    )
+    _decode_views: dict[int, list[DecodeGroup]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -218,9 +221,15 @@ class BatchLayout:
     def num_tokens(self) -> int:
         return self.slots.shape[0]
 
-    def decode_groups(self, window: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[slice, ...] | None]]:
-        """Decode rows in attention groups: (flat rows [b], key slots [b, L], key mask [b, 1, 1, L] or None,
-        the slots as runs of consecutive slots when the group is one row, else None).
+    def decode_groups(self, window: int) -> list[DecodeGroup]:
+        """Decode rows in attention groups, longest key span first: (flat rows [b], key slots [b, L], key mask
+        [b, 1, 1, L] or None, the slots as runs of consecutive slots when the group is one row, else None,
+        and `within`: (offset, length) when this one-row group's slots are slots[offset:offset + length] of
+        the first group, itself one unmasked row, else None).
+
+        `within` is what a speculative verification produces: one sequence's consecutive positions, each its
+        own group. attend() then reads the longest row's keys once and slices them for the others (same
+        values, so the same SDPA result); finding the slices here costs once per step instead of per layer.
 
         Row i attends to positions [lo_i, len_i), lo_i = len_i - window on windowed layers (a query at p sees
         (p - window, p]), else 0. Padded mode: one group, rows padded to the longest span and masked. Exact
@@ -247,7 +256,18 @@ class BatchLayout:
                 slots = self.decode_tables[idx].gather(1, pos // bs) * bs + pos % bs
                 mask = None if bool(valid.all()) else valid[:, None, None, :]
                 span = _as_range(slots[0]) if slots.shape[0] == 1 and mask is None else None
-                groups.append((self.decode_rows[idx], slots, mask, span))
+                groups.append((self.decode_rows[idx], slots, mask, span, None))
+            groups.sort(key=lambda g: -g[1].shape[1])
+            if len(groups) > 1 and groups[0][1].shape[0] == 1 and groups[0][2] is None:
+                big = groups[0][1][0].tolist()
+                where = {slot: i for i, slot in enumerate(big)}
+                for i, (rows, slots, mask, span, _) in enumerate(groups[1:], 1):
+                    if slots.shape[0] != 1 or mask is not None:
+                        continue
+                    mine = slots[0].tolist()
+                    off = where.get(mine[0])
+                    if off is not None and big[off : off + len(mine)] == mine:
+                        groups[i] = (rows, slots, mask, span, (off, len(mine)))
             self._decode_views[window] = groups
         return groups
 
@@ -348,7 +368,7 @@ class PagedKVCache:
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
             # so skip the gather of q and the scatter into `out` (same SDPA call, same result)
-            _, slots, mask, span = groups[0]
+            _, slots, mask, span, _ = groups[0]
             if span is not None:
                 keys, values = kp.read_heads(span)[None], vp.read_heads(span)[None]
             else:
@@ -358,24 +378,19 @@ class PagedKVCache:
             return o[:, :, 0]
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32)
 
-        # A speculative verification brings one sequence's consecutive positions as single-row groups whose
-        # key slots are contiguous pieces of the longest one's: gather that once and slice it (same values, so
-        # the same SDPA result) instead of gathering every row's keys again.
-        big: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        for rows, slots, mask, span in sorted(groups, key=lambda g: -g[1].shape[1]):
-            keys = values = None
-            if big is not None and slots.shape[0] == 1 and mask is None:
-                hit = (big[0] == slots[0, 0]).nonzero()
-                if hit.numel():
-                    off, n = int(hit[0]), slots.shape[1]
-                    if off + n <= big[0].shape[0] and torch.equal(big[0][off : off + n], slots[0]):
-                        keys, values = big[1][:, :, off : off + n], big[2][:, :, off : off + n]
-            if keys is None and span is not None:
+        # A speculative verification brings one sequence's consecutive positions as one-row groups whose key
+        # slots are pieces of the longest one's (`within`, see decode_groups): read those keys once, slice.
+        big: tuple[torch.Tensor, torch.Tensor] | None = None
+        for i, (rows, slots, mask, span, within) in enumerate(groups):
+            if within is not None and big is not None:
+                off, n = within
+                keys, values = big[0][:, :, off : off + n], big[1][:, :, off : off + n]
+            elif span is not None:
                 keys, values = kp.read_heads(span)[None], vp.read_heads(span)[None]
-            elif keys is None:
+            else:
                 keys, values = kp.read_heads(slots), vp.read_heads(slots)  # [b, Hkv, L, d]
-            if big is None and slots.shape[0] == 1 and mask is None and len(groups) > 1:
-                big = (slots[0], keys, values)
+            if i == 0 and len(groups) > 1:
+                big = (keys, values)
             qd = q[rows].float().unsqueeze(2)  # [b, H, 1, d]
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[rows] = o[:, :, 0]
