@@ -353,3 +353,23 @@ def test_draft_with_another_vocabulary_is_refused_and_store_unchanged(home, tiny
     after = sorted(p.name for p in (home / "models").rglob("*")) if (home / "models").exists() else []
     assert read_manifest(parse_name("bad")) is None
     assert [n for n in after if n not in before and n.startswith("sha256")] == []
+
+
+def test_delete_drops_the_models_repacked_weights(home, tiny_gguf, tmp_path, monkeypatch):
+    """`ember rm` of the last model using a GGUF blob also removes that blob's pack-cache entry
+    (ember/model/pack_cache.py), and only that one."""
+    import ember
+    from ember.model import pack_cache
+    from ember.store.blobs import blob_path
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    made = create("gone", parse_modelfile(f"FROM {tiny_gguf}\n")).manifest
+    blob = blob_path(made.layer("model").digest)
+    ember.load("gone", n_ctx=32).close()
+    ember.load(str(tiny_gguf), n_ctx=32).close()  # the same bytes at another path: its own entry
+    entries = {f.name for f in pack_cache.cache_root().glob("*.pt")}
+    mine = pack_cache.entry_key(blob) + ".pt"
+    assert mine in entries and len(entries) == 2
+    delete("gone")
+    assert not blob.exists()
+    assert {f.name for f in pack_cache.cache_root().glob("*.pt")} == entries - {mine}

@@ -22,12 +22,10 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ember.kernels import linear as linear_mod
-from ember.kernels.linear import Linear
+if TYPE_CHECKING:  # torch is imported where used: the store (`ember rm`) calls forget() without loading it
+    from ember.kernels.linear import Linear
 
 FORMAT = 1  # bump when the saved layout changes in a way the source hash would not catch
 DEFAULT_BUDGET_GB = 16.0
@@ -45,6 +43,7 @@ def enabled() -> bool:
 def _code_hash() -> str:
     """Hash of the sources that decide what a packed tensor holds."""
     import ember.quant as quant
+    from ember.kernels import linear as linear_mod
 
     h = hashlib.sha256()
     files = [Path(linear_mod.__file__)] + sorted(Path(quant.__file__).parent.glob("*.py"))
@@ -54,13 +53,38 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def entry_key(gguf_path: Path) -> str:
+def _file_part(gguf_path: Path) -> str:
     st = gguf_path.stat()
-    ident = "|".join([
-        str(gguf_path.resolve()), str(st.st_size), str(st.st_mtime_ns), torch.__version__,
-        torch.backends.cpu.get_cpu_capability(), str(linear_mod.COMPUTE_DTYPE), str(FORMAT), _code_hash(),
-    ])
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+    ident = "|".join([str(gguf_path.resolve()), str(st.st_size), str(st.st_mtime_ns)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def entry_key(gguf_path: Path) -> str:
+    """<file identity>-<torch, CPU and code identity>: the first half alone finds a file's entries."""
+    import torch
+
+    from ember.kernels import linear as linear_mod
+
+    env = "|".join([torch.__version__, torch.backends.cpu.get_cpu_capability(), str(linear_mod.COMPUTE_DTYPE),
+                    str(FORMAT), _code_hash()])
+    return f"{_file_part(gguf_path)}-{hashlib.sha256(env.encode()).hexdigest()[:12]}"
+
+
+def forget(gguf_path: Path) -> int:
+    """Delete the cache entries of a GGUF about to be removed (`ember rm`); returns how many. Call it while
+    the file still exists (its identity comes from stat)."""
+    try:
+        prefix = _file_part(Path(gguf_path))
+    except OSError:
+        return 0
+    removed = 0
+    for f in cache_root().glob(f"{prefix}-*.pt"):
+        try:
+            f.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 class PackCache:
@@ -74,6 +98,8 @@ class PackCache:
         self._new: dict[str, dict[str, Any]] = {}
         self.hits = 0
         if path.exists():
+            import torch
+
             try:
                 self._saved = torch.load(path, mmap=True, weights_only=True)
                 os.utime(path)  # recency for the LRU budget
@@ -93,11 +119,13 @@ class PackCache:
         return cls(cache_root() / f"{key}.pt", int(budget * (1 << 30)))
 
     def lookup(self, key: str, in_features: int, out_features: int) -> Linear | None:
+        from ember.kernels.linear import linear_from_state
+
         state = self._saved.get(key)
         if state is None:
             return None
         try:
-            lin = linear_mod.linear_from_state(state)
+            lin = linear_from_state(state)
         except (KeyError, TypeError, ValueError):
             return None
         if (lin.in_features, lin.out_features) != (in_features, out_features):
@@ -118,6 +146,8 @@ class PackCache:
         directory within budget. Failing to write (read-only or full disk) only costs the speed-up."""
         if not self._new:
             return
+        import torch
+
         merged = {**self._saved, **self._new}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError, GGUFError, ModelNotFoundError
+from ember.model import pack_cache
 from ember.store.blobs import BlobWriter, blob_path, check_digest, has_blob, hash_file, write_blob
 from ember.store.home import PUBLISHED_MODE, TEMP_PREFIX, atomic_write_bytes, ensure_dir, fsync_dir, home
 from ember.store.manifests import (
@@ -468,6 +469,7 @@ def _remove_blobs(candidates: Iterable[str]) -> list[str]:
     removed = []
     for digest in sorted(set(candidates) - keep):
         with contextlib.suppress(FileNotFoundError):
+            pack_cache.forget(blob_path(digest))  # its repacked weights go with it
             blob_path(digest).unlink()
             removed.append(digest)
     return removed
