@@ -37,17 +37,23 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _glibc(function: str):
+    """A glibc malloc function by name, or None on other C libraries."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return getattr(ctypes.CDLL(name), function)
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def release_free_heap() -> None:
     """Return freed heap memory to the system (glibc's malloc_trim). Loading frees hundreds of MiB of numpy and
     torch temporaries that glibc would otherwise keep in its arenas, counted in RSS (SmolLM2: ~60 MiB)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -67,12 +73,7 @@ def keep_buffers_in_heap() -> None:
     if _malloc_tuned:
         return
     _malloc_tuned = True
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
