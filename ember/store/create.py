@@ -49,6 +49,7 @@ from ember.store.manifests import (
     MEDIA_TYPES,
     Layer,
     Manifest,
+    local_manifest_bytes,
     manifest_path,
     read_manifest,
 )
@@ -484,12 +485,7 @@ def _drop_unreferenced(digests: list[str]) -> None:
 def delete(name: str) -> list[str]:
     """`ember rm` / DELETE /api/delete: remove the manifest, then its blobs no other model uses.
     Returns the removed blob digests."""
-    parsed = parse_name(name)
-    path = manifest_path(parsed)
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise ModelNotFoundError(f"model '{name}' not found") from None
+    _, path, raw = local_manifest_bytes(name)
     with store_lock(shared=False):
         path.unlink()
         fsync_dir(path.parent)

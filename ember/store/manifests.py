@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import EmberError
+from ember.errors import EmberError, ModelNotFoundError
 from ember.store.blobs import check_digest
 from ember.store.home import TEMP_PREFIX, atomic_write_bytes, home
 from ember.store.names import ModelName, parse_name
@@ -94,6 +94,17 @@ class Manifest:
 def manifest_path(name: ModelName) -> Path:
     # parse_name already guarantees each part is a single safe path component.
     return home().manifests.joinpath(*name.parts)
+
+
+def local_manifest_bytes(name: str) -> tuple[ModelName, Path, bytes]:
+    """The stored manifest of model `name`, byte for byte, with its parsed name and path; a clear
+    "model 'x' not found" when there is none."""
+    parsed = parse_name(name)
+    path = manifest_path(parsed)
+    try:
+        return parsed, path, path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelNotFoundError(f"model '{name}' not found") from None
 
 
 def read_manifest(name: ModelName) -> Manifest | None:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import httpx
 
-from ember.errors import EmberError, ModelNotFoundError
+from ember.errors import EmberError
 from ember.store.blobs import blob_path, has_blob
-from ember.store.manifests import MANIFEST_MEDIA_TYPE, Layer, manifest_path
-from ember.store.names import ModelName, parse_name
+from ember.store.manifests import MANIFEST_MEDIA_TYPE, Layer, local_manifest_bytes
+from ember.store.names import ModelName
 from ember.store.registry_client import (
     Event,
     ProgressFn,
@@ -62,12 +62,7 @@ def push(
     """`ember push` / POST /api/push: upload a local model's blobs (skipping those the registry has) and its
     manifest, byte for byte, so the pulled copy has the same ID."""
     progress = progress or quiet
-    parsed = parse_name(name)
-    path = manifest_path(parsed)
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise ModelNotFoundError(f"model '{name}' not found") from None
+    parsed, _, raw = local_manifest_bytes(name)
     try:
         manifest = parse_remote_manifest(raw)
     except EmberError as e:
