@@ -149,3 +149,27 @@ def test_linear_state_round_trip():
         linear_mod.Int4Linear.from_packed(lin.packed, lin.scales_zeros, 1, 32)  # wrong in_features
     dense = linear_mod.DenseLinear(torch.randn(8, 64, generator=rng))
     assert torch.equal(dense(x), linear_mod.linear_from_state(dense.state())(x))
+
+
+def test_unwritable_cache_dir_costs_only_the_speed_up(tmp_path, monkeypatch, builds):
+    path = tmp_path / "m.gguf"
+    write_tiny_model(path)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(blocker))
+    a = _logits(path)
+    b = _logits(path)
+    assert torch.equal(a, b) and builds[0] > 0 and blocker.is_file()
+
+
+def test_rewritten_file_with_the_same_mtime_is_not_served_stale(tmp_path, cache_dir, builds):
+    path = tmp_path / "m.gguf"
+    write_tiny_model(path, seed=0)
+    st = path.stat()
+    a = _logits(path)
+    write_tiny_model(path, seed=1)  # same size, same name ...
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the old mtime (cp -p)
+    assert path.stat().st_size == st.st_size
+    builds[0] = 0
+    b = _logits(path)
+    assert builds[0] > 0 and not torch.equal(a, b)

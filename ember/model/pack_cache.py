@@ -53,10 +53,23 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
+SAMPLE_BYTES = 64 << 10
+SAMPLES = 8
+
+
 def _file_part(gguf_path: Path) -> str:
+    """Path, size and mtime, plus a hash of the header, the tail and a few spread samples of the bytes: a
+    file rewritten in place with its mtime kept (cp -p, an unpacked archive) still changes its identity in
+    all but contrived cases, for a few reads instead of hashing gigabytes."""
     st = gguf_path.stat()
-    ident = "|".join([str(gguf_path.resolve()), str(st.st_size), str(st.st_mtime_ns)])
-    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+    h = hashlib.sha256("|".join([str(gguf_path.resolve()), str(st.st_size), str(st.st_mtime_ns)]).encode())
+    with open(gguf_path, "rb") as fh:
+        offsets = [0, max(0, st.st_size - SAMPLE_BYTES)]
+        offsets += [st.st_size * (i + 1) // (SAMPLES + 1) for i in range(SAMPLES)]
+        for off in offsets:
+            fh.seek(off)
+            h.update(fh.read(SAMPLE_BYTES if off in offsets[:2] else 4096))
+    return h.hexdigest()[:20]
 
 
 def entry_key(gguf_path: Path) -> str:
@@ -149,17 +162,19 @@ class PackCache:
         import torch
 
         merged = {**self._saved, **self._new}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".pt")
             with os.fdopen(fd, "wb") as fh:
                 torch.save(merged, fh)
             os.replace(tmp, self.path)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except (OSError, UnboundLocalError):
-                pass
+        except Exception:  # OSError, or torch's writer failing (RuntimeError) on a full disk
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             return
         self._new.clear()
         self._trim()
