@@ -494,3 +494,19 @@ def test_failing_pass_ends_its_requests_with_the_error_and_engine_goes_on(tiny):
     assert engine.stats().num_free_blocks == 32
     (ok,) = run_all(engine, prompts[1:], [opt])
     assert ok.completion.ids == alone(m, prompts[1], opt).ids
+
+
+def test_consecutive_slots_are_written_as_one_range():
+    """A batch whose tokens land in consecutive slots (single-stream decode, a chunk in fresh blocks) is
+    written with one copy into a view; the stored values equal the indexed store's."""
+    assert BatchLayout.build(4, [([2, 3], 5, 1)]).slot_run == slice(13, 14)
+    assert BatchLayout.build(4, [([2, 3], 2, 4)]).slot_run == slice(10, 14)  # crosses into block 3
+    assert BatchLayout.build(4, [([2, 5], 2, 4)]).slot_run is None  # block 5 does not follow block 2
+    assert BatchLayout.build(4, [([2], 0, 1), ([3], 0, 1)]).slot_run is None  # slots 8 and 12
+    rng = np.random.default_rng(7)
+    x = _random_kv(rng, 4, 2)
+    a, b = PagedKVCache(1, 2, 32, 32, 8, 4), PagedKVCache(1, 2, 32, 32, 8, 4)
+    slots = torch.arange(10, 14)
+    a.k[0].write(slots, x, slice(10, 14))
+    b.k[0].write(slots, x)
+    assert torch.equal(a.k[0].data, b.k[0].data) and a.k[0].data.abs().sum() > 0

@@ -65,10 +65,15 @@ class _Pool:
         n = self.data.numel() * self.data.element_size()
         return n + (0 if self.scale is None else self.scale.numel() * self.scale.element_size())
 
-    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """x [T, n_head, dim] float -> slots [T]."""
+    def write(self, slots: torch.Tensor, x: torch.Tensor, run: slice | None = None) -> None:
+        """x [T, n_head, dim] float -> slots [T]; `run`: the same slots as one consecutive range, when they
+        are (one converting copy into a view instead of a conversion plus an indexed store: ~2 vs 5 us per
+        decode token and layer, same values)."""
         if self.flat_scale is None:
-            self.flat[slots] = x.to(self.flat.dtype)
+            if run is not None:
+                self.flat[run].copy_(x)
+            else:
+                self.flat[slots] = x.to(self.flat.dtype)
             return
         g = x.float().unflatten(-1, (-1, Q8_GROUP))  # [T, H, dim/32, 32]
         # llama.cpp quantize_row_q8_0: d = amax / 127, q = round(x / d); d is stored as float16, and q is
@@ -166,6 +171,7 @@ class BatchLayout:
 
     block_size: int
     slots: torch.Tensor  # [T] long: cache slot each token's K/V is written to
+    slot_run: slice | None  # the same slots as one consecutive range, when they are
     prefills: list[_Prefill]
     decode_rows: torch.Tensor  # [B] long: flat rows of single-token entries
     decode_lens: torch.Tensor  # [B] long: context length (keys [0, len)) of each, i.e. its position + 1
@@ -207,9 +213,12 @@ class BatchLayout:
         tables = torch.zeros((len(dec_tables), width), dtype=torch.long)
         for i, t in enumerate(dec_tables):
             tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        consecutive = bool(slots) and slots[-1] - slots[0] == len(slots) - 1 and all(
+            b == a + 1 for a, b in zip(slots, slots[1:]))
         return cls(
             block_size=bs,
             slots=torch.tensor(slots, dtype=torch.long),
+            slot_run=slice(slots[0], slots[-1] + 1) if consecutive else None,
             prefills=prefills,
             decode_rows=torch.tensor(dec_rows, dtype=torch.long),
             decode_lens=torch.tensor(dec_lens, dtype=torch.long),
@@ -362,8 +371,8 @@ class PagedKVCache:
         kp, vp = self.k[layer], self.v[layer]
         # Write first, then read everything back from the pool: a chunk's own keys then go through the same
         # storage rounding as the earlier ones, so splitting a prompt into chunks does not change the result.
-        kp.write(lay.slots, k)
-        vp.write(lay.slots, v)
+        kp.write(lay.slots, k, lay.slot_run)
+        vp.write(lay.slots, v, lay.slot_run)
         groups = lay.decode_groups(window)
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
