@@ -13,14 +13,14 @@ from ember.errors import GGUFError, UnsupportedError
 from ember.kernels.embedding import Embedding
 from ember.kernels.linear import Linear, WeightParts, build_linear, weight_parts
 from ember.model.config import ModelConfig
-from ember.model.pack_cache import PackCache
 from ember.model.layers import FeedForward, RMSNorm
+from ember.model.pack_cache import PackCache
 from ember.model.transformer import Transformer
 from ember.quant import FORMATS, dequantize
 
 
 class Weights:
-    def __init__(self, gguf_file, pack_cache: "PackCache | None" = None):
+    def __init__(self, gguf_file, pack_cache: PackCache | None = None):
         self.file = gguf_file
         self.used: set[str] = set()
         self.pack_cache = pack_cache  # serves and records repacked Linears (ember.model.pack_cache)
