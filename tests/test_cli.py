@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -421,12 +422,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _terminal_signals() -> None:
+    """In the spawned child: SIGINT as a user's terminal has it. A test run started in the background
+    (`cmd &` from a script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler,
+    so Ctrl-C would do nothing for reasons that have nothing to do with ember."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_fake(tmp_path, *args, delay=0.0):
     script = tmp_path / "fake_ember.py"
     script.write_text(FAKE_SCRIPT.format(tests=str(Path(__file__).parent), delay=delay))
     env = {**os.environ, "TERM": "dumb", "PYTHONPATH": str(REPO)}
     return pexpect.spawn(sys.executable, [str(script), *args], env=env, encoding="utf-8", timeout=30,
-                         dimensions=(40, 200))
+                         dimensions=(40, 200), preexec_fn=_terminal_signals)
 
 
 def test_pty_chat_with_fake_model(tmp_path):
@@ -595,7 +603,8 @@ def test_e2e_bad_models(tmp_path):
 def test_e2e_interactive_chat(smollm2_path):
     env = {**os.environ, "TERM": "dumb"}
     child = pexpect.spawn(sys.executable, ["-m", "ember.cli.main", "run", "smollm2", "--ctx", "1024"], cwd=str(REPO),
-                          env=env, encoding="utf-8", timeout=180, dimensions=(40, 200))
+                          env=env, encoding="utf-8", timeout=180, dimensions=(40, 200),
+                          preexec_fn=_terminal_signals)
     child.expect_exact(">>> ")
     child.sendline("/set parameter num_predict 12")
     child.expect_exact("Set parameter 'num_predict' to '12'")
