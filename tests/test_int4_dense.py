@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import ember
-from ember.kernels import int4_dense
+from ember.kernels import int4_dense, native
 from ember.kernels.linear import Int4Linear
 from tiny_models import reference_logits, write_tiny_model
 
@@ -91,7 +91,9 @@ def test_switch_off_keeps_the_int4_kernel(monkeypatch):
 
 @pytest.mark.parametrize("arch,qtype", [("llama", T.Q4_1), ("llama", T.Q8_0), ("gemma3", T.Q5_0)])
 def test_tiny_model_prompt_through_bulk_path_matches_reference(tmp_path, bulk, monkeypatch, arch, qtype):
-    """A prompt long enough for the many-row path, against the float64 reference of tests/tiny_models.py."""
+    """A prompt long enough for the many-row path, against the float64 reference of tests/tiny_models.py.
+    Native kernels off: this is the path of machines without them (tests/test_qdot.py covers theirs)."""
+    monkeypatch.setattr(native, "extension", lambda: None)
     calls = []
     real = int4_dense.matmul
     monkeypatch.setattr(int4_dense, "matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))

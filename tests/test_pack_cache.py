@@ -110,9 +110,11 @@ def test_entry_with_wrong_shapes_is_not_used(tmp_path, cache_dir, builds):
     want = _logits(path)
     (entry,) = cache_dir.glob("*.pt")
     saved = torch.load(entry, weights_only=True)
-    key = next(k for k, v in saved.items() if v["kind"] == "int4")
-    other = next(k for k, v in saved.items() if k != key and v["kind"] == "int4"
-                 and v["scales_zeros"].shape != saved[key]["scales_zeros"].shape)
+    main = {"int4": "scales_zeros", "qdot": "codes"}  # the tensor whose shape says the weight's shape
+    key = next(k for k, v in saved.items() if v["kind"] in main)
+    kind = saved[key]["kind"]
+    other = next(k for k, v in saved.items() if k != key and v["kind"] == kind
+                 and v[main[kind]].shape != saved[key][main[kind]].shape)
     saved[key] = saved[other]  # a state for another shape under this key
     torch.save(saved, entry)
     builds[0] = 0

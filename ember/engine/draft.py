@@ -36,6 +36,7 @@ class _DraftState:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.token_ids: list[int] = []
+        self.num_prompt_tokens = 0
         self.params: SamplingParams | None = None  # the request's, for its penalties and bias
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -68,6 +69,7 @@ class DraftProposer:
             if st is None:
                 st = self._states[seq.seq_id] = _DraftState(seq.seq_id)
             st.token_ids = list(seq.token_ids)
+            st.num_prompt_tokens = seq.num_prompt_tokens
             st.params = params
             st.num_computed_tokens = min(st.num_computed_tokens, seq.num_tokens - 1)
             self.blocks.trim(st)  # type: ignore[arg-type]
@@ -80,12 +82,22 @@ class DraftProposer:
                 todo = len(st.token_ids) - st.num_computed_tokens
                 if drafts[sid] or todo < 1:
                     continue
-                n = min(todo, CATCH_UP_CHUNK)
+                # The prompt as prefill chunks, generated tokens as decode rows (the runner's form for a token
+                # plus drafts): the computations the main model gave the same positions, so that a draft which
+                # is the main model (or shares its layers' numerics) does not drift from it.
+                start = st.num_computed_tokens
+                in_prompt = start < st.num_prompt_tokens
+                n = min(st.num_prompt_tokens - start if in_prompt else todo, CATCH_UP_CHUNK)
                 if not self._allocate(st, n):
                     del states[sid], drafts[sid]
                     continue
-                batch.scheduled.append(ScheduledSeq(st, n, st.num_computed_tokens,  # type: ignore[arg-type]
-                                                    samples=n == todo, is_prefill=n > 1))
+                if in_prompt:
+                    batch.scheduled.append(ScheduledSeq(st, n, start,  # type: ignore[arg-type]
+                                                        samples=n == todo, is_prefill=n > 1))
+                else:
+                    rows = tuple(st.token_ids[start + 1 : start + n])
+                    batch.scheduled.append(ScheduledSeq(st, n, start, samples=n == todo,  # type: ignore[arg-type]
+                                                        is_prefill=False, draft=rows))
             if batch.is_empty:
                 break
             self._run(batch, drafts)
@@ -115,7 +127,14 @@ class DraftProposer:
     def _run(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
         logits = self.runner.execute(batch)
         sampling = batch.sampling
-        tokens = self._argmax(logits, [e.seq for e in sampling]) if sampling else []
+        # the runner returns 1 + len(draft) rows for an entry with rows (sampling or not), one for another
+        # sampling entry; the next token follows an entry's last row
+        ends, at = [], 0
+        for e in batch.scheduled:
+            at += 1 + len(e.draft) if e.draft else int(e.samples)
+            if e.samples:
+                ends.append(at - 1)
+        tokens = self._argmax(logits[ends], [e.seq for e in sampling]) if sampling else []
         for e in batch.scheduled:
             e.seq.num_computed_tokens += e.num_tokens
         for e, token in zip(sampling, tokens):

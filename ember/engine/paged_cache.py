@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.engine.block_manager import NULL_BLOCK
+from ember.kernels import native as native_kernels
 from ember.errors import InvalidParameterError
 
 KV_DTYPES = ("float16", "bfloat16", "q8_0")
@@ -373,6 +374,11 @@ class PagedKVCache:
         # storage rounding as the earlier ones, so splitting a prompt into chunks does not change the result.
         kp.write(lay.slots, k, lay.slot_run)
         vp.write(lay.slots, v, lay.slot_run)
+        native = _native_attention(kp, vp)
+        if native is not None:
+            out = native(q, kp, vp, lay, scale, window)
+            if out is not None:
+                return out
         groups = lay.decode_groups(window)
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
@@ -404,6 +410,13 @@ class PagedKVCache:
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[rows] = o[:, :, 0]
 
+        self._attend_prefills(out, q, kp, vp, lay, scale, window)
+        return out
+
+    @staticmethod
+    def _attend_prefills(out: torch.Tensor, q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scale: float,
+                         window: int) -> None:
+        """Multi-token entries: one causal (+ window) masked SDPA per chunk over its keys read back from the pool."""
         for p in lay.prefills:
             slots, mask, span = lay.prefill_view(p, window)
             index = span if span is not None else slots
@@ -411,4 +424,30 @@ class PagedKVCache:
             qp = q[p.row0 : p.row1].float().transpose(0, 1)[None]  # [1, H, n, d]
             o = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
             out[p.row0 : p.row1] = o[0].transpose(0, 1)
-        return out
+
+
+def _native_attention(kp: _Pool, vp: _Pool):
+    """The native decode-attention path for these pools' storage, or None (q8_0 storage, head sizes it was not
+    compiled for, no native kernels)."""
+    ext = native_kernels.extension()
+    if kp.flat_scale is not None or ext is None or not ext.paged_attention_supports(kp.flat.shape[-1],
+                                                                                     vp.flat.shape[-1]):
+        return None
+    return _attend_native
+
+
+def _attend_native(q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scale: float, window: int
+                   ) -> torch.Tensor:
+    """Decode rows through ember/kernels/csrc/paged_attention.cpp (reads the pool through the block tables: no
+    gather, one call for every decode row of the step; each row's result is independent of the others, so the
+    exact mode's grouping is unnecessary), prefill chunks through SDPA as before."""
+    ext = native_kernels.extension()
+    if not lay.prefills:
+        return ext.paged_attention(q.float().contiguous(), kp.flat, vp.flat, lay.decode_tables, lay.decode_lens,
+                                   lay.block_size, window, scale)
+    out = q.new_empty(q.shape[0], q.shape[1], vp.flat.shape[-1], dtype=torch.float32)
+    if lay.decode_rows.numel():
+        out[lay.decode_rows] = ext.paged_attention(q[lay.decode_rows].float().contiguous(), kp.flat, vp.flat,
+                                                   lay.decode_tables, lay.decode_lens, lay.block_size, window, scale)
+    PagedKVCache._attend_prefills(out, q, kp, vp, lay, scale, window)
+    return out

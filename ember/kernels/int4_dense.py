@@ -83,17 +83,20 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, pl
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """Whether to use this path: the CPU has a fast bfloat16 GEMM (AVX-512 BF16 or AMX) and torch's packing
-    is the layout unpack_rows reads. EMBER_BULK_BF16=0 turns it off, =1 forces it on a CPU without bfloat16
-    instructions (for testing: it is correct there, only not faster)."""
+def wanted() -> bool:
+    """Whether many-row products should dequantize to bfloat16 and use a GEMM: the CPU has a fast bfloat16
+    GEMM (AVX-512 BF16 or AMX). EMBER_BULK_BF16=0 turns it off, =1 forces it on a CPU without bfloat16
+    instructions (for testing: it is correct there, only not faster). Also used by ember.kernels.qdot."""
     env = os.environ.get("EMBER_BULK_BF16")
     if env == "0":
         return False
-    if env != "1" and not _fast_bf16():
-        return False
-    return _layout_matches()
+    return env == "1" or _fast_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether Int4Linear uses this path: wanted(), and torch's packing is the layout unpack_rows reads."""
+    return wanted() and _layout_matches()
 
 
 def _fast_bf16() -> bool:

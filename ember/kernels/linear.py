@@ -26,10 +26,13 @@ from gguf import GGMLQuantizationType as T
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ember.kernels import int4_dense
 from ember.quant import dequantize, split_int4_planes
+
+if TYPE_CHECKING:
+    from ember.kernels.qdot import QDotParts
 
 PLANE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_0, T.Q5_1, T.Q8_0})
 GROUP = 32
@@ -67,6 +70,11 @@ def int4_kernel_rows(rows: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _exact.rows = previous
+
+
+def decode_rows() -> torch.Tensor | None:
+    """The rows int4_kernel_rows marked in this thread (None outside such a block)."""
+    return getattr(_exact, "rows", None)
 
 
 class Int4Linear(Linear):
@@ -162,6 +170,13 @@ def linear_from_state(state: dict) -> Linear:
     if state["kind"] == "int4":
         return Int4Linear.from_packed(state["packed"], state["scales_zeros"], int(state["planes"]),
                                       int(state["in_features"]), state["bias"])
+    if state["kind"] == "qdot":
+        from ember.kernels import qdot  # qdot builds on this module: imported where used
+
+        if not qdot.available():
+            raise ValueError("qdot kernel not available in this process")
+        return qdot.QDotLinear(state["codes"], state["scales"], state["mins"], int(state["bits"]),
+                               int(state["in_features"]), state["bias"])
     if state["kind"] == "dense":
         weight = state["weight"]
         if weight.dtype != COMPUTE_DTYPE or weight.dim() != 2:
@@ -179,6 +194,7 @@ class WeightParts:
     planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # int4 form
     dense: torch.Tensor | None  # float32 [N, K] otherwise
     bias: torch.Tensor | None
+    qdot: "QDotParts | None" = None  # the qdot kernel's form (preferred where the kernel is available)
 
 
 def _int4_fits(qtype: T, shape: tuple[int, ...]) -> bool:
@@ -187,8 +203,12 @@ def _int4_fits(qtype: T, shape: tuple[int, ...]) -> bool:
 
 
 def weight_parts(raw: np.ndarray, qtype: int, shape: tuple[int, ...], bias: torch.Tensor | None = None) -> WeightParts:
+    from ember.kernels import qdot
+
     qtype = T(qtype)
     k, n = shape
+    if qdot.supports(qtype, shape) and qdot.available():
+        return WeightParts(n, k, None, None, bias, qdot.parts_from_gguf(raw, qtype, shape))
     if _int4_fits(qtype, shape):
         return WeightParts(n, k, split_int4_planes(raw, qtype, shape), None, bias)
     return WeightParts(n, k, None, dequantize(raw, qtype, shape), bias)
@@ -201,6 +221,10 @@ def build_linear(parts: list[WeightParts]) -> Linear:
     bias = None
     if any(p.bias is not None for p in parts):
         bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts])
+    if all(p.qdot is not None for p in parts):
+        from ember.kernels.qdot import QDotLinear
+
+        return QDotLinear.from_parts([p.qdot for p in parts], bias)
     n_planes = {len(p.planes) if p.planes is not None else 0 for p in parts}
     if len(n_planes) == 1 and 0 not in n_planes:
         planes = n_planes.pop()
@@ -209,8 +233,14 @@ def build_linear(parts: list[WeightParts]) -> Linear:
         scale = torch.cat([torch.cat([pl[1] for pl in p.planes], dim=1) for p in parts], dim=0)
         zero = torch.cat([torch.cat([pl[2] for pl in p.planes], dim=1) for p in parts], dim=0)
         return Int4Linear(q, scale, zero, planes, bias)
-    dense = [p.dense if p.dense is not None else _planes_to_dense(p.planes) for p in parts]
+    dense = [p.dense if p.dense is not None else _planes_to_dense(p.planes) if p.planes is not None
+             else _qdot_to_dense(p.qdot) for p in parts]
     return DenseLinear(torch.cat(dense, dim=0), bias)
+
+
+def _qdot_to_dense(parts: "QDotParts") -> torch.Tensor:
+    n, k = parts.u.shape
+    return (parts.u.float().view(n, k // GROUP, GROUP) * parts.s[..., None] + parts.z[..., None]).view(n, k)
 
 
 def _planes_to_dense(planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -5,7 +5,9 @@ layers keep only `window` slots used as a ring (slot = position % window), so a 
 512 positions whatever the context length. Invariant: positions are written in increasing order with no gaps,
 and a query at position p sees exactly the keys at positions <= p (and > p - window on windowed layers).
 
-Storage is float16 by default as in llama.cpp; attention math runs in float32.
+Storage is float16 by default as in llama.cpp; attention math runs in float32. A single-token step over a
+non-ring layer runs the native decode kernel (ember/kernels/csrc/paged_attention.cpp) when it is available,
+as the engine's paged cache does, so both caches give bit-identical decode results.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.errors import ContextOverflowError
+from ember.kernels import native
 
 
 class KVCache:
@@ -38,6 +41,11 @@ class KVCache:
             self.k.append(torch.zeros(n_head_kv, slots, head_dim, dtype=dtype))
             self.v.append(torch.zeros(n_head_kv, slots, value_dim, dtype=dtype))
         self.length = 0  # positions [0, length) are filled
+        ext = native.extension()
+        usable = ext is not None and dtype in (torch.float16, torch.bfloat16) and ext.paged_attention_supports(
+            head_dim, value_dim)
+        self._native = ext if usable else None
+        self._table = torch.zeros(1, 1, dtype=torch.long)  # the whole buffer is block 0
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +94,12 @@ class KVCache:
             vc[:, keep % slots] = v[-keep.shape[0] :].transpose(0, 1).to(self.dtype)
         self.length = max(self.length, end)
 
+        if t == 1 and not ring and self._native is not None:
+            # the engine's decode kernel over this buffer as one block: bit-identical to the paged cache's
+            # decode of the same keys (its result depends on the key values only, not on where they live)
+            return self._native.paged_attention(
+                q.float().contiguous(), kc.transpose(0, 1), vc.transpose(0, 1), self._table, torch.tensor([end]),
+                self.n_ctx, window, scale)
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, d]
         mask = key_pos[None, :] <= positions[:, None]
         if window:

@@ -44,9 +44,11 @@ def _code_hash() -> str:
     """Hash of the sources that decide what a packed tensor holds."""
     import ember.quant as quant
     from ember.kernels import linear as linear_mod
+    from ember.kernels import native, qdot
 
     h = hashlib.sha256()
-    files = [Path(linear_mod.__file__)] + sorted(Path(quant.__file__).parent.glob("*.py"))
+    files = [Path(linear_mod.__file__), Path(qdot.__file__), native.CSRC / "qdot.cpp"] + sorted(
+        Path(quant.__file__).parent.glob("*.py"))
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -77,9 +79,11 @@ def entry_key(gguf_path: Path) -> str:
     import torch
 
     from ember.kernels import linear as linear_mod
+    from ember.kernels import qdot
 
+    # qdot's availability decides the packed forms (EMBER_NATIVE=0, a CPU without VNNI, no compiler).
     env = "|".join([torch.__version__, torch.backends.cpu.get_cpu_capability(), str(linear_mod.COMPUTE_DTYPE),
-                    str(FORMAT), _code_hash()])
+                    str(FORMAT), _code_hash(), f"qdot={qdot.available()}"])
     return f"{_file_part(gguf_path)}-{hashlib.sha256(env.encode()).hexdigest()[:12]}"
 
 

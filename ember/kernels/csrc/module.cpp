@@ -1,0 +1,17 @@
+// Python bindings of Ember's native kernels (built by ember/kernels/native.py).
+#include <torch/extension.h>
+
+torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                          int64_t bits);
+torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t bits,
+                           int64_t n0, int64_t n1);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool, torch::Tensor tables,
+                              torch::Tensor lens, int64_t block_size, int64_t window, double scale);
+bool supports_head_sizes(int64_t d, int64_t dv);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("qdot_matmul", &qdot_matmul, "y = x @ W^T over a qdot-packed weight (qdot.cpp)");
+  m.def("qdot_dequant", &qdot_dequant, "columns of a qdot-packed weight as bfloat16 (qdot.cpp)");
+  m.def("paged_attention", &paged_attention, "decode attention through block tables (paged_attention.cpp)");
+  m.def("paged_attention_supports", &supports_head_sizes, "whether paged_attention handles these head sizes");
+}

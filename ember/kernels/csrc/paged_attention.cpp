@@ -1,0 +1,208 @@
+// Decode attention straight from the paged KV pool: one query row per sequence position, keys and values read
+// through the row's block table, no gather into a contiguous copy.
+//
+// For row b and query head h (kv head h / (H / Hkv)), keys at positions [lo_b, len_b) with
+// lo_b = max(0, len_b - window) on windowed layers (window 0: lo_b = 0):
+//     s_p = scale * q . k_p,  w_p = exp(s_p - max s) / sum exp(...),  out = sum_p w_p v_p      (float32)
+//
+// Invariant (batch invariance): a row's output depends only on its query, its positions and the pool's
+// contents - never on the other rows of the call or on how the work is split across threads (one thread
+// computes a whole (row, kv head) pair, in a fixed order over positions). So a speculative verification row
+// and a plain decode of the same position give bit-identical results, and so do a stream alone and in a batch.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <tuple>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline __m512 load16(const T* p);
+
+template <>
+inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6
+// Taylor polynomial (relative error < 2e-7 on that range), times 2^n. Below -87 the result flushes to 0.
+inline __m512 exp512(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, ln2_hi));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, ln2_lo));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int MAX_GROUP = 16;
+constexpr int64_t PREFETCH = 8;  // keys ahead
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}  // query heads per kv head handled together
+
+// One row b, one kv head: its `group` query heads share every key and value load. DC / VC: head sizes in
+// 16-float chunks, compile-time so that the chunk loops unroll and the accumulators stay in registers.
+template <typename T, int DC, int VC>
+void row_head(const float* q, const T* kpool, const T* vpool, const int64_t* table, int64_t lo, int64_t len,
+              int64_t bs, const int64_t* strides, int64_t kvh, int64_t group, float scale, float* out,
+              std::vector<float>& scores, std::vector<int64_t>& slots) {
+  constexpr int64_t d = 16 * DC, dv = 16 * VC;
+  const int64_t L = len - lo;
+  scores.resize(static_cast<size_t>(group * L));
+  // strides: K slot, K head, V slot, V head (elements); pools may be slot-major (paged) or head-major (KVCache)
+  const int64_t kstride = strides[0], vstride = strides[2];
+  kpool += kvh * strides[1];
+  vpool += kvh * strides[3];
+  // Slot of every key position, once (a division per position per head would cost more than the math).
+  slots.resize(static_cast<size_t>(L));
+  for (int64_t p = lo, i = 0; p < len;) {
+    const int64_t blk = p / bs, shift = (table[blk] - blk) * bs, end = std::min(len, (blk + 1) * bs);
+    for (; p < end; ++p) slots[i++] = p + shift;  // slot = table[blk] * bs + p % bs
+  }
+  // scores
+  for (int64_t i = 0; i < L; ++i) {
+    // The pool is usually cold here (the layer's weights streamed through the caches since it was written),
+    // and blocks are scattered: fetch a few keys ahead so that several misses are in flight.
+    if (i + PREFETCH < L) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
+    const T* k = kpool + slots[i] * kstride;
+    __m512 kv[DC];
+#pragma GCC unroll 16
+    for (int c = 0; c < DC; ++c) kv[c] = load16<T>(k + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qh = q + g * d;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
+#pragma GCC unroll 16
+      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], acc);
+      scores[g * L + i] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  // softmax weights (unnormalized), per head; 16 at a time, the tail masked (same ops for every length)
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * L;
+    __m512 mxv = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < L; i += 16) {
+      const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
+      mxv = _mm512_mask_max_ps(mxv, k, mxv, _mm512_maskz_loadu_ps(k, s + i));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+    __m512 sumv = _mm512_setzero_ps();
+    for (int64_t i = 0; i < L; i += 16) {
+      const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mx));
+      _mm512_mask_storeu_ps(s + i, k, e);
+      sumv = _mm512_mask_add_ps(sumv, k, sumv, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sumv));
+    // weighted values of this head
+    __m512 acc[VC];
+#pragma GCC unroll 16
+    for (int c = 0; c < VC; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < L; ++i) {
+      if (i + PREFETCH < L) prefetch_row<T>(vpool + slots[i + PREFETCH] * vstride, dv);
+      const T* v = vpool + slots[i] * vstride;
+      const __m512 w = _mm512_set1_ps(s[i]);
+#pragma GCC unroll 16
+      for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, load16<T>(v + 16 * c), acc[c]);
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < VC; ++c) _mm512_storeu_ps(out + g * dv + 16 * c, _mm512_mul_ps(acc[c], inv));
+  }
+}
+
+template <typename T, int DC, int VC>
+void run_rows(const float* qp, const T* kp, const T* vp, const int64_t* tp, const int64_t* lp, int64_t B, int64_t H,
+              int64_t hkv, int64_t width, int64_t bs, int64_t window, float scale, float* op, const int64_t* strides) {
+  const int64_t group = H / hkv;
+  at::parallel_for(0, B * hkv, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores;
+    std::vector<int64_t> slots;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / hkv, kvh = w % hkv;
+      const int64_t len = lp[b];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      row_head<T, DC, VC>(qp + (b * H + kvh * group) * 16 * DC, kp, vp, tp + b * width, lo, len, bs, strides, kvh,
+                          group, scale, op + (b * H + kvh * group) * 16 * VC, scores, slots);
+    }
+  });
+}
+
+template <typename T>
+void run(const torch::Tensor& q, const torch::Tensor& kpool, const torch::Tensor& vpool, const torch::Tensor& tables,
+         const torch::Tensor& lens, int64_t bs, int64_t window, float scale, torch::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), hkv = kpool.size(1), dv = vpool.size(2);
+  const int64_t strides[4] = {kpool.stride(0), kpool.stride(1), vpool.stride(0), vpool.stride(1)};
+  auto args = std::make_tuple(q.data_ptr<float>(), reinterpret_cast<const T*>(kpool.data_ptr()),
+                              reinterpret_cast<const T*>(vpool.data_ptr()), tables.data_ptr<int64_t>(),
+                              lens.data_ptr<int64_t>(), B, H, hkv, tables.size(1), bs, window, scale,
+                              out.data_ptr<float>(), strides);
+  if (d == 64 && dv == 64) std::apply(run_rows<T, 4, 4>, args);
+  else if (d == 128 && dv == 128) std::apply(run_rows<T, 8, 8>, args);
+  else if (d == 256 && dv == 256) std::apply(run_rows<T, 16, 16>, args);
+  else if (d == 32 && dv == 32) std::apply(run_rows<T, 2, 2>, args);
+  else if (d == 96 && dv == 96) std::apply(run_rows<T, 6, 6>, args);
+  else TORCH_CHECK(false, "paged_attention: head sizes ", d, "/", dv, " not compiled in");
+}
+
+}  // namespace
+
+bool supports_head_sizes(int64_t d, int64_t dv) {
+  return d == dv && (d == 32 || d == 64 || d == 96 || d == 128 || d == 256);
+}
+
+// q [B, H, d] float32; kpool [slots, Hkv, d], vpool [slots, Hkv, dv] float16 or bfloat16, any strides with
+// the last dimension contiguous; tables [B, width]
+// int64 block ids (every entry a query can reach must be valid); lens [B] int64 (keys [lo, len)).
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool, torch::Tensor tables,
+                              torch::Tensor lens, int64_t block_size, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.dtype() == torch::kFloat32 && q.is_contiguous(), "paged_attention: bad q");
+  TORCH_CHECK(kpool.dim() == 3 && vpool.dim() == 3 && kpool.stride(2) == 1 && vpool.stride(2) == 1 &&
+              kpool.sizes().slice(0, 2) == vpool.sizes().slice(0, 2), "paged_attention: bad pools");
+  TORCH_CHECK(kpool.dtype() == vpool.dtype() &&
+              (kpool.dtype() == torch::kFloat16 || kpool.dtype() == torch::kBFloat16), "paged_attention: pool dtype");
+  TORCH_CHECK(kpool.size(2) == q.size(2) && supports_head_sizes(q.size(2), vpool.size(2)), "paged_attention: head sizes");
+  TORCH_CHECK(q.size(1) % kpool.size(1) == 0 && q.size(1) / kpool.size(1) <= MAX_GROUP, "paged_attention: heads");
+  TORCH_CHECK(tables.dtype() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
+              tables.size(0) == q.size(0), "paged_attention: bad tables");
+  TORCH_CHECK(lens.dtype() == torch::kInt64 && lens.is_contiguous() && lens.numel() == q.size(0),
+              "paged_attention: bad lens");
+  const int64_t slots = kpool.size(0);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 1 && (lp[b] - 1) / block_size < tables.size(1), "paged_attention: length past the table");
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
+    for (int64_t i = lo / block_size; i <= (lp[b] - 1) / block_size; ++i) {
+      const int64_t blk = tp[b * tables.size(1) + i];
+      TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= slots, "paged_attention: block id out of range");
+    }
+  }
+  auto out = torch::empty({q.size(0), q.size(1), vpool.size(2)}, q.options());
+  if (kpool.dtype() == torch::kFloat16)
+    run<at::Half>(q, kpool, vpool, tables, lens, block_size, window, static_cast<float>(scale), out);
+  else
+    run<at::BFloat16>(q, kpool, vpool, tables, lens, block_size, window, static_cast<float>(scale), out);
+  return out;
+}

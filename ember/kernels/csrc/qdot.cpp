@@ -1,0 +1,237 @@
+// Integer dot-product matmul over quantized weights (AVX-512 VNNI), Ember's decode kernel.
+//
+// Weights: every GGUF type whose values are w = s * u + z per group of 32 (u an unsigned code of 4..8 bits,
+// s and z per group) - Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K - are stored as such codes, nibble-packed (4 bits)
+// or one byte each (5..8 bits), with s and z as float16 when that is exact, else float32. The conversion
+// from the GGUF blocks happens in Python (ember/kernels/qdot.py); this file only multiplies.
+//
+// Activations are quantized per group of 32 to int8 (d = amax / 127, as llama.cpp's Q8_0 activations), so a
+// group's product is an exact integer dot product:
+//     sum_i w_i x_i ~= s * d * sum_i u_i q_i  +  z * d * sum_i q_i
+//
+// Layout: output columns in blocks of 16. For a column block and a group, the codes are 8 chunks of 64 bytes;
+// chunk j holds elements 4j..4j+3 of the group for each of the 16 columns (byte 4c + e: column c, element
+// 4j + e). One vpdpbusd with the row's 4 activation bytes of chunk j broadcast then adds those 4 products
+// into each column's int32 lane, and 8 of them give all 16 columns' exact group sums with no horizontal
+// reduction. Nibble codes store chunk j in the low and chunk j + 4 in the high nibbles of 4 chunks (256
+// bytes). Scales and mins: 16 per column block and group.
+//
+// Invariant (batch invariance): the value computed for output (m, n) depends only on row m of x and column n
+// of the weight. Rows are processed in tiles that share the weight loads, but every row goes through the same
+// sequence of operations whatever the tile size, and the order over K is fixed (integer sums within a group
+// are exact; groups are accumulated in order). So a token's result does not depend on which other rows share
+// its batch - the engine's greedy outputs rely on that.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int GROUP = 32;
+constexpr int COLS = 16;
+
+template <typename S>
+inline __m512 load16(const S* p);
+
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+
+template <>
+inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Quantized activations: qx [M, K] int8, dx [M, G] scales, sx [M, G] = dx * sum(q) over the group.
+struct Activations {
+  std::vector<int8_t> qx;
+  std::vector<float> dx, sx;
+};
+
+Activations quantize(const float* x, int64_t M, int64_t K) {
+  const int64_t G = K / GROUP;
+  Activations a;
+  a.qx.resize(M * K);
+  a.dx.resize(M * G);
+  a.sx.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * GROUP;
+      __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      float d = amax / 127.0f;
+      float id = d > 0.f ? 1.0f / d : 0.f;
+      __m512 vid = _mm512_set1_ps(id);
+      __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));  // round to nearest even
+      __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+      int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      int8_t* dst = a.qx.data() + m * K + g * GROUP;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+      a.dx[m * G + g] = d;
+      a.sx[m * G + g] = d * static_cast<float>(sum);
+    }
+  }
+  return a;
+}
+
+template <int BITS>
+inline void load_group(const uint8_t* p, __m512i w[8]) {
+  if constexpr (BITS == 4) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i b = _mm512_loadu_si512(p + 64 * j);
+      w[j] = _mm512_and_si512(b, m4);
+      w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(p + 64 * j);
+  }
+}
+
+inline __m512i bcast4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+
+// Columns [16 cb, 16 cb + 16) of rows [m0, m0 + R). Every row runs the same instruction sequence.
+template <int BITS, typename S, int R>
+inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
+                 const S* mins, int64_t cb, float* y, int64_t N) {
+  constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : 512;
+  const int64_t G = K / GROUP;
+  const uint8_t* wc = codes + cb * G * GROUP_BYTES;
+  const S* ws = scales + cb * G * COLS;
+  const S* wz = mins + cb * G * COLS;
+  __m512 acc[R], zacc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    zacc[r] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i w[8];
+    load_group<BITS>(wc + g * GROUP_BYTES, w);
+    const __m512 sv = load16<S>(ws + g * COLS);
+    const __m512 zv = load16<S>(wz + g * COLS);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int8_t* q = a.qx.data() + (m0 + r) * K + g * GROUP;
+      // two independent chains (even / odd chunks), joined by an exact integer add
+      __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(q));
+      __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], bcast4(q + 4));
+      d0 = _mm512_dpbusd_epi32(d0, w[2], bcast4(q + 8));
+      d1 = _mm512_dpbusd_epi32(d1, w[3], bcast4(q + 12));
+      d0 = _mm512_dpbusd_epi32(d0, w[4], bcast4(q + 16));
+      d1 = _mm512_dpbusd_epi32(d1, w[5], bcast4(q + 20));
+      d0 = _mm512_dpbusd_epi32(d0, w[6], bcast4(q + 24));
+      d1 = _mm512_dpbusd_epi32(d1, w[7], bcast4(q + 28));
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), sv);
+      const int64_t ag = (m0 + r) * G + g;
+      acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(a.dx[ag]), acc[r]);
+      zacc[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.sx[ag]), zacc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * N + cb * COLS, _mm512_add_ps(acc[r], zacc[r]));
+}
+
+template <int BITS, typename S>
+void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const S* scales, const S* mins,
+         int64_t N, float* y) {
+  const int64_t NB = N / COLS;
+  // Column blocks split across torch's own thread pool (one OpenMP runtime for the whole process).
+  const int64_t grain = std::max<int64_t>(1, NB / (4 * std::max(1, at::get_num_threads())));
+  at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t cb = b0; cb < b1; ++cb) {
+      // Tiles of 4 rows share each weight load (the block's codes stay in L1/L2 between tiles); the last
+      // tile of a batch may be 1-3 rows.
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile<BITS, S, 4>(a, m, K, codes, scales, mins, cb, y, N);
+      switch (M - m) {
+        case 3: tile<BITS, S, 3>(a, m, K, codes, scales, mins, cb, y, N); break;
+        case 2: tile<BITS, S, 2>(a, m, K, codes, scales, mins, cb, y, N); break;
+        case 1: tile<BITS, S, 1>(a, m, K, codes, scales, mins, cb, y, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// codes [NB, G, 256 | 512] uint8, scales/mins [NB, G, 16].
+void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
+                  int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "qdot: bits must be 4 or 8");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
+  TORCH_CHECK(codes.size(2) == (bits == 4 ? 256 : 512), "qdot: codes do not match bits");
+  TORCH_CHECK(scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype(), "qdot: scales/mins differ");
+  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.dim() == 3, "qdot: bad scales");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kFloat16, "qdot: scale dtype");
+  TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == COLS,
+              "qdot: scales do not match codes");
+}
+
+}  // namespace
+
+// x [M, K] (K = 32 * groups) -> y [M, N] float32.
+torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                          int64_t bits) {
+  check_weight(codes, scales, mins, bits);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == codes.size(1) * GROUP, "qdot: x must be [M, K] matching the weight");
+  x = x.to(torch::kFloat32).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * COLS;
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  Activations a = quantize(x.data_ptr<float>(), M, K);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  if (scales.dtype() == torch::kFloat16) {
+    auto s = scales.data_ptr<at::Half>(), z = mins.data_ptr<at::Half>();
+    if (bits == 4) run<4, at::Half>(a, M, K, c, s, z, N, out); else run<8, at::Half>(a, M, K, c, s, z, N, out);
+  } else {
+    auto s = scales.data_ptr<float>(), z = mins.data_ptr<float>();
+    if (bits == 4) run<4, float>(a, M, K, c, s, z, N, out); else run<8, float>(a, M, K, c, s, z, N, out);
+  }
+  return y;
+}
+
+// Columns [n0, n1) of the weight (multiples of 16) as bfloat16 [n1 - n0, K], for prompt processing's GEMM.
+torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t bits,
+                           int64_t n0, int64_t n1) {
+  check_weight(codes, scales, mins, bits);
+  const int64_t G = codes.size(1), K = G * GROUP;
+  TORCH_CHECK(n0 % COLS == 0 && n1 % COLS == 0 && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) * COLS,
+              "qdot: bad column range");
+  const int64_t group_bytes = codes.size(2);
+  auto s32 = scales.to(torch::kFloat32), z32 = mins.to(torch::kFloat32);
+  const float* s = s32.data_ptr<float>();
+  const float* z = z32.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  auto out = torch::empty({n1 - n0, K}, torch::dtype(torch::kBFloat16));
+  auto* o = out.data_ptr<at::BFloat16>();
+  at::parallel_for(n0 / COLS, n1 / COLS, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t cb = b0; cb < b1; ++cb) {
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* pc = c + (cb * G + g) * group_bytes;
+        for (int col = 0; col < COLS; ++col) {
+          const float sc = s[(cb * G + g) * COLS + col], mn = z[(cb * G + g) * COLS + col];
+          at::BFloat16* row = o + (cb * COLS + col - n0) * K + g * GROUP;
+          for (int e = 0; e < GROUP; ++e) {
+            const int j = e / 4, k = e % 4;
+            int u;
+            if (bits == 4) {
+              const uint8_t byte = pc[(j % 4) * 64 + col * 4 + k];
+              u = j < 4 ? (byte & 15) : (byte >> 4);
+            } else {
+              u = pc[j * 64 + col * 4 + k];
+            }
+            row[e] = static_cast<at::BFloat16>(sc * static_cast<float>(u) + mn);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}

@@ -1,0 +1,62 @@
+"""Ember's native CPU kernels (ember/kernels/csrc), compiled on first use and loaded into this process.
+
+The kernels are AVX-512 VNNI code (qdot.cpp: quantized matmul; paged_attention.cpp: decode attention through
+block tables). torch.utils.cpp_extension builds them once per machine and source version (cached under
+~/.cache/torch_extensions, ~30 s) with OpenMP through torch's own libgomp, so they share torch's thread pool.
+
+`extension()` is None where they cannot run - a CPU without AVX-512 VNNI, no C++ compiler, a non-Linux
+system, or EMBER_NATIVE=0 - and every caller then keeps torch's own kernels (the int4 kernel, SDPA).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "module.cpp", CSRC / "qdot.cpp", CSRC / "paged_attention.cpp")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("EMBER_NATIVE", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The compiled module, or None when the native kernels cannot be used here."""
+    if not enabled_by_env() or sys.platform != "linux" or not set(REQUIRED_FLAGS) <= _cpu_flags():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(
+            name="ember_native",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c",
+                          "-mfma", "-ffp-contract=off", "-fopenmp"],
+            # at::parallel_for is OpenMP inside torch's headers: without -fopenmp it would run on one thread.
+            # libgomp is found by its soname, i.e. the copy torch already loaded: one thread pool per process.
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler or headers: torch's kernels serve instead
+        print(f"ember: native kernels unavailable ({type(exc).__name__}: {exc}); using torch's kernels",
+              file=sys.stderr)
+        return None
+
+
+def available() -> bool:
+    return extension() is not None

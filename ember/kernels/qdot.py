@@ -1,0 +1,158 @@
+"""QDotLinear: quantized weights multiplied with integer dot products (AVX-512 VNNI), Ember's own C++ kernel.
+
+Why a kernel of our own: torch's int4 kernel reads weights at ~11 GB/s per thread and re-reads them for
+every block of 4 rows, and it has no 8-bit form (Q8_0/Q5 ran as two int4 planes). ember/kernels/csrc/qdot.cpp
+quantizes the activations to int8 per group of 32 (as llama.cpp does for its CPU dot products) and multiplies
+with `vpdpbusd`, reading each weight once per call for every row of the batch. Each output depends only on
+its own input row and weight row (see the C++ file's invariant), so decode results are batch-invariant.
+
+Storage: w = s * u + z per group of 32, u an unsigned code. 4-bit types (Q4_0, Q4_1, Q4_K) keep nibbles;
+5- to 8-bit types (Q5_0, Q5_1, Q5_K, Q8_0) one byte per weight; s and z as float16 when every value is exactly
+a float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Types with 16-wide groups (Q2_K, Q3_K, Q6_K) and
+float tensors stay on the dense bfloat16 path.
+
+Batches of >= int4_dense.MIN_ROWS non-decode rows (prompt processing) dequantize slabs of rows to bfloat16 and
+use torch's GEMM, as the int4 path does: a bfloat16 GEMM is several times faster than this kernel there.
+
+The kernel is built by ember.kernels.native (CPUs with AVX-512 VNNI; EMBER_NATIVE=0 turns it off); without
+it, Int4Linear serves these types as before.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ember.kernels import int4_dense, native
+from ember.kernels.linear import Linear, decode_rows
+from ember.quant.dequant import CODECS
+from ember.quant.formats import format_of
+from ember.quant.repack import _codes_and_params
+
+GROUP = 32
+COLS = 16  # output columns per block of the packed layout
+BYTE_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K, T.Q8_0})
+NIBBLE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES
+SLAB_WEIGHTS = 1 << 21  # weights dequantized at once for prompt processing (4 MiB of bfloat16)
+
+
+def extension():
+    return native.extension()
+
+
+def available() -> bool:
+    return native.available()
+
+
+def supports(qtype: int, shape: tuple[int, ...]) -> bool:
+    """Whether a GGUF weight (ggml shape (in, out)) can be stored for this kernel."""
+    return T(qtype) in QDOT_TYPES and len(shape) == 2 and shape[0] % GROUP == 0 and shape[1] % COLS == 0
+
+
+class QDotParts:
+    """One weight's codes and group parameters before packing: u uint8 [N, K], s, z float32 [N, K / 32]."""
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
+        self.u, self.s, self.z, self.bits = u, s, z, bits
+
+
+def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int, ...]) -> QDotParts:
+    """Exact (u, s, z) of a GGUF weight: ggml's w = (q - offset) * scale + bias becomes s * u + z with
+    z = bias - offset * scale (Q8_0's signed bytes made unsigned: u = q + 128)."""
+    qt = T(qtype)
+    fmt = format_of(qt)
+    assert fmt.block_size // CODECS[qt].groups == GROUP, "qdot handles 32-wide groups only"
+    q, scale, bias, offset, _ = _codes_and_params(raw, qt, tuple(shape))
+    if qt == T.Q8_0:
+        q = q.bitwise_xor(0x80)
+        offset = 128
+    z = torch.add(bias, scale, alpha=-offset)
+    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 8)
+
+
+def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [N, K] -> [N / 16, G, 512] (bytes) or [N / 16, G, 256] (nibbles) in the kernel's layout (see
+    qdot.cpp): per column block and group, chunk j holds elements 4j..4j+3 of each of the 16 columns."""
+    n, k = u.shape
+    g = k // GROUP
+    v = u.view(n // COLS, COLS, g, 8, 4).permute(0, 2, 3, 1, 4)  # [block, group, chunk, column, element]
+    if bits == 8:
+        return v.reshape(n // COLS, g, 512).contiguous()
+    return (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(n // COLS, g, 256).contiguous()
+
+
+def _blocked_params(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Group parameters [N, G] -> [N / 16, G, 16]."""
+    n, g = x.shape
+    return x.view(n // COLS, COLS, g).transpose(1, 2).to(dtype).contiguous()
+
+
+class QDotLinear(Linear):
+    """A Linear over weights packed for the qdot kernel."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, in_features: int,
+                 bias: torch.Tensor | None = None):
+        if codes.dim() != 3 or codes.shape[2] != (256 if bits == 4 else 512) or scales.shape != mins.shape:
+            raise ValueError("qdot tensors do not match their sizes")
+        if codes.shape[1] * GROUP != in_features or scales.shape != (codes.shape[0], codes.shape[1], COLS):
+            raise ValueError("qdot codes do not match in_features")
+        self.codes, self.scales, self.mins, self.bits = codes, scales, mins, bits
+        self.in_features, self.out_features = in_features, codes.shape[0] * COLS
+        self.bias = bias
+
+    @classmethod
+    def from_parts(cls, parts: list[QDotParts], bias: torch.Tensor | None = None) -> "QDotLinear":
+        """Fuse parts along N (q/k/v, gate/up). Nibbles only if every part is 4-bit; float16 parameters only
+        if every value converts exactly."""
+        bits = 4 if all(p.bits == 4 for p in parts) else 8
+        u = torch.cat([p.u for p in parts])
+        s = torch.cat([p.s for p in parts])
+        z = torch.cat([p.z for p in parts])
+        exact16 = all(torch.equal(t.half().float(), t) for t in (s, z))
+        dtype = torch.float16 if exact16 else torch.float32
+        return cls(_blocked_codes(u, bits), _blocked_params(s, dtype), _blocked_params(z, dtype), bits, u.shape[1],
+                   bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = decode_rows()
+        n_exact = 0 if rows is None else rows.numel()
+        if x.shape[0] - n_exact >= int4_dense.MIN_ROWS and int4_dense.wanted():
+            xb = x.to(torch.bfloat16)
+            if n_exact:
+                keep = torch.ones(x.shape[0], dtype=torch.bool)
+                keep[rows] = False
+                y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+                y[keep] = self._dense(xb[keep])
+                y[rows] = self._kernel(x[rows])
+            else:
+                y = self._dense(xb)
+        else:
+            y = self._kernel(x)
+        return y if self.bias is None else y + self.bias
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return extension().qdot_matmul(x.float(), self.codes, self.scales, self.mins, self.bits)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        step = max(COLS, SLAB_WEIGHTS // k // COLS * COLS)
+        out = torch.empty(x.shape[0], n, dtype=torch.float32)
+        ext = extension()
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            w = ext.qdot_dequant(self.codes, self.scales, self.mins, self.bits, n0, n1)
+            out[:, n0:n1] = torch.nn.functional.linear(x, w)
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [N, K] (tests, tooling)."""
+        return extension().qdot_dequant(self.codes, self.scales, self.mins, self.bits, 0, self.out_features).float()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins))
+
+    def state(self) -> dict:
+        return {"kind": "qdot", "codes": self.codes, "scales": self.scales, "mins": self.mins, "bits": self.bits,
+                "in_features": self.in_features, "bias": self.bias}

@@ -1,0 +1,190 @@
+"""Ember's native kernels (ember/kernels/csrc): the qdot quantized matmul and decode attention through block
+tables. Each is checked against an independent reference - the exact dequantization of ember.quant, a numpy
+re-statement of the kernel's integer arithmetic, torch's SDPA - and for the property the engine relies on: a
+row's result does not depend on the other rows of its call (bit for bit)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+import ember
+from ember.kernels import native, qdot
+from ember.kernels.linear import make_linear
+from ember.quant import dequantize
+from ember.quant.quantize import quantize_array
+from tiny_models import reference_logits, write_tiny_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need AVX-512 VNNI and a compiler")
+
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K]
+
+
+def _weight(qtype: T, n: int, k: int, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
+    """A random GGUF weight of ggml shape (k, n) and its exact float32 dequantization [n, k]."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, (n, 1))).astype(np.float32)
+    raw = quantize_array(w, qtype)
+    return raw, dequantize(raw, qtype, (k, n))
+
+
+def _reference_qdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, restated in float64 numpy: x quantized per 32-group to int8 (d = amax / 127,
+    round half to even), then exact products with the exact weights."""
+    xs = x.double().numpy().reshape(x.shape[0], -1, 32)
+    d = np.abs(xs).max(-1, keepdims=True) / 127.0
+    q = np.rint(np.divide(xs, d, out=np.zeros_like(xs), where=d > 0))
+    return torch.from_numpy((q * d).reshape(x.shape) @ w.double().numpy().T)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n,k", [(64, 576), (48, 96), (16, 32), (32, 256)])
+def test_packing_is_exact(qtype, n, k):
+    if qtype in (T.Q4_K, T.Q5_K) and k % 256:
+        pytest.skip("K-quants need rows of 256")
+    raw, want = _weight(qtype, n, k)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
+    # the kernel's dequantization goes through bfloat16; compare in float32 through the same rounding
+    assert torch.equal(lin.dequantize(), want.bfloat16().float())
+    p = qdot.parts_from_gguf(raw, qtype, (k, n))
+    exact = (p.u.float().view(n, k // 32, 32) * p.s[..., None] + p.z[..., None]).view(n, k)
+    assert torch.allclose(exact, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_matmul_is_the_int8_activation_product(qtype):
+    n, k = 96, 512
+    raw, w = _weight(qtype, n, k, seed=1)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
+    x = torch.randn(9, k) * torch.linspace(0.1, 3, 9)[:, None]
+    y = lin(x)
+    ref = _reference_qdot(x, w)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # and that product is within activation-quantization error of the float product
+    exact = x.double() @ w.double().T
+    assert float((y.double() - exact).abs().max()) < 0.02 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K])
+def test_rows_do_not_depend_on_their_batch(qtype):
+    n, k = 80, 768 if qtype == T.Q5_K else 320
+    raw, _ = _weight(qtype, n, k, seed=2)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
+    x = torch.randn(23, k)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(23)])
+    for m in (2, 3, 4, 5, 7, 16, 23):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+    assert torch.equal(lin(x.flip(0)).flip(0), alone)
+
+
+def test_fused_parts_keep_the_wider_form():
+    raw4, w4 = _weight(T.Q4_0, 32, 64, seed=3)
+    raw8, w8 = _weight(T.Q8_0, 48, 64, seed=4)
+    fused = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw4, T.Q4_0, (64, 32)),
+                                        qdot.parts_from_gguf(raw8, T.Q8_0, (64, 48))])
+    assert fused.bits == 8 and fused.out_features == 80
+    x = torch.randn(3, 64)
+    ref = _reference_qdot(x, torch.cat([w4, w8]))
+    assert torch.allclose(fused(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_parameters_stay_float32_when_float16_would_round():
+    raw, w = _weight(T.Q4_K, 16, 256, seed=5)  # Q4_K's d * scale is generally not a float16
+    lin = make_linear(raw, T.Q4_K, (256, 16))
+    assert isinstance(lin, qdot.QDotLinear) and lin.scales.dtype == torch.float32
+    raw, _ = _weight(T.Q4_0, 16, 64, seed=5)
+    assert make_linear(raw, T.Q4_0, (64, 16)).scales.dtype == torch.float16
+
+
+def test_many_rows_take_the_bfloat16_gemm(monkeypatch):
+    monkeypatch.setenv("EMBER_BULK_BF16", "1")  # the path is correct on any CPU, only not faster without bf16
+    raw, w = _weight(T.Q4_1, 64, 128, seed=6)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, T.Q4_1, (128, 64))])
+    x = torch.randn(100, 128)
+    want = F.linear(x.bfloat16(), w.bfloat16()).float()
+    assert torch.allclose(lin(x), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    calls = []
+    monkeypatch.setattr(lin, "_kernel", lambda t: calls.append(t.shape[0]) or torch.zeros(t.shape[0], 64))
+    lin(x[:10])
+    assert calls == [10]
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", T.Q4_1), ("llama", T.Q8_0), ("gemma3", T.Q5_0)])
+def test_tiny_model_matches_reference(tmp_path, arch, qtype):
+    """Prompt (many-row path) and single-token steps (the kernel) against tests/tiny_models.py's float64 model."""
+    path = tmp_path / "tiny.gguf"
+    ref = write_tiny_model(path, arch=arch, qtype=qtype, n_layer=2, window=4, seed=11)
+    m = ember.load(path, n_ctx=128)
+    assert isinstance(m.model.blocks[0].attn.wqkv, qdot.QDotLinear)
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, ref["n_vocab"], 80)]
+    for prefix in (ids, ids[:5]):  # 80 rows: bulk path; 5 rows: the kernel
+        want = reference_logits(ref, prefix)
+        got = m.logits(prefix, all_positions=True)
+        scale = np.abs(want).max()
+        assert np.abs(want - got).max() < 0.04 * scale
+        assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.999
+
+
+# --- paged decode attention ----------------------------------------------------------------------------------
+
+def _pool_case(dtype, d, hkv, group, lens, bs=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per = [-(-n // bs) for n in lens]
+    nblk = sum(blocks_per) + 3
+    perm = torch.randperm(nblk, generator=gen)
+    tables = torch.zeros(len(lens), max(blocks_per), dtype=torch.long)
+    at = 0
+    for i, b in enumerate(blocks_per):
+        tables[i, :b] = perm[at : at + b]
+        at += b
+    kp = torch.randn(nblk * bs, hkv, d, generator=gen).to(dtype)
+    vp = torch.randn(nblk * bs, hkv, d, generator=gen).to(dtype)
+    q = torch.randn(len(lens), hkv * group, d, generator=gen)
+    return q, kp, vp, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def _sdpa_reference(q, kp, vp, tables, lens, bs, window, scale):
+    out = []
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        lo = max(0, n - window) if window else 0
+        pos = torch.arange(lo, n)
+        slots = tables[b][pos // bs] * bs + pos % bs
+        k = kp[slots].double().transpose(0, 1)[None]
+        v = vp[slots].double().transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q[b : b + 1].double().unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+        out.append(o[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,hkv,group", [(64, 3, 3), (256, 1, 4), (128, 2, 1)])
+@pytest.mark.parametrize("window", [0, 7, 40])
+def test_paged_attention_matches_sdpa(dtype, d, hkv, group, window):
+    lens = [1, 5, 16, 17, 33, 100, 250]
+    q, kp, vp, tables, lens_t = _pool_case(dtype, d, hkv, group, lens)
+    out = native.extension().paged_attention(q, kp, vp, tables, lens_t, 16, window, d ** -0.5)
+    ref = _sdpa_reference(q, kp, vp, tables, lens_t, 16, window, d ** -0.5)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_rows_do_not_depend_on_their_batch():
+    lens = [3, 40, 41, 90, 200, 201, 64]
+    q, kp, vp, tables, lens_t = _pool_case(torch.float16, 64, 3, 3, lens, seed=1)
+    ext = native.extension()
+    together = ext.paged_attention(q, kp, vp, tables, lens_t, 16, 0, 0.125)
+    for b in range(len(lens)):
+        alone = ext.paged_attention(q[b : b + 1].contiguous(), kp, vp, tables[b : b + 1].contiguous(),
+                                    lens_t[b : b + 1].contiguous(), 16, 0, 0.125)
+        assert torch.equal(alone[0], together[b])
+
+
+def test_paged_attention_rejects_tables_out_of_range():
+    q, kp, vp, tables, lens_t = _pool_case(torch.float16, 64, 1, 2, [20])
+    tables[0, 1] = kp.shape[0]  # a block id past the pool
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.extension().paged_attention(q, kp, vp, tables, lens_t, 16, 0, 0.125)
+    with pytest.raises(RuntimeError, match="past the table"):
+        native.extension().paged_attention(q, kp, vp, tables[:, :1].contiguous(), lens_t, 16, 0, 0.125)
