@@ -38,6 +38,7 @@ import torch
 
 from ember.engine.draft import DraftProposer
 from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
+from ember.engine.kv_budget import plan_kv_pools
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
 from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
@@ -54,7 +55,8 @@ from ember.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds
+    num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds (global group: see kv_budget)
+    window_num_blocks: Optional[int] = None  # sliding-window group's blocks; None: kv_budget's sizing rule
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step; also the largest prefill chunk
@@ -167,14 +169,16 @@ class Engine:
         self.config = config
         n_pos = _rope_positions(model)
         self.max_model_len = min(config.max_model_len or n_pos, n_pos)
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(
-                c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, config.block_size, config.kv_dtype
-            )
-            num_blocks = max(1, config.kv_cache_bytes // per_block)
-        # Gemma3 mixes windowed and global layers over one block table: blocks stay allocated for all layers
-        # and windowed layers only mask (scheduler sliding_window stays None; see paged_cache).
+        # KV groups: gemma3's sliding-window layers get their own, smaller pool whose blocks are given back as
+        # the window moves; other models keep one pool (see kv_budget for the sizing rule).
+        pools = plan_kv_pools(
+            [c.sliding_window if c.is_swa(i) else 0 for i in range(c.n_layer)], c.n_head_kv, c.head_dim,
+            c.value_dim, block_size=config.block_size, dtype=config.kv_dtype, kv_cache_bytes=config.kv_cache_bytes,
+            num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            window_num_blocks=config.window_num_blocks,
+        )
+        num_blocks = pools.num_blocks[0]
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -183,11 +187,13 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_prefix_caching=config.enable_prefix_caching,
                 max_model_len=self.max_model_len,
+                sliding_window=pools.window,
+                window_num_blocks=pools.window_num_blocks,
             )
         )
         self.cache = PagedKVCache(
-            c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, num_blocks, config.block_size, config.kv_dtype,
-            exact=config.exact_attention,
+            c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, pools.num_blocks, config.block_size, config.kv_dtype,
+            exact=config.exact_attention, layer_groups=pools.layer_groups,
         )
         self.runner = Runner(model, self.cache)
         spec = config.speculative
@@ -241,13 +247,7 @@ class Engine:
         req.logprobs = logprobs
         req.spec = self.speculator.for_request(options.draft_num_predict, req.constraint is not None)
         if not req.empty:
-            # Fail now, in the caller's thread, rather than in the step that would admit it.
-            total = len(ids) + max_tokens
-            bs, nb = self.config.block_size, self.scheduler.config.num_blocks
-            if -(-(total - 1) // bs) > nb:
-                raise ContextOverflowError(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the KV cache ({nb * bs} tokens)"
-                )
+            self.scheduler.check_fits(len(ids), max_tokens)  # fail now, in the caller's thread
         with self._wake:
             self._inbox.append(("add", req))
             self._wake.notify_all()
@@ -277,10 +277,10 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler
-            b = s.block_manager.stats()
+            b = s.kv.stats()  # summed over KV groups
             return EngineStats(
                 num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.num_steps,
-                num_preemptions=self.num_preemptions, num_free_blocks=s.block_manager.num_free_blocks,
+                num_preemptions=self.num_preemptions, num_free_blocks=s.kv.num_free_blocks,
                 num_blocks=b.num_blocks, prefix_hit_tokens=b.prefix_hit_tokens,
                 prefix_query_tokens=b.prefix_query_tokens,
                 spec_drafted=self.speculator.drafted, spec_accepted=self.speculator.accepted,
