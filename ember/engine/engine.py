@@ -57,6 +57,7 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds (global group: see kv_budget)
     window_num_blocks: Optional[int] = None  # sliding-window group's blocks; None: kv_budget's sizing rule
+    window_group: bool = True  # False: one KV group, windowed layers keep every block (the old layout)
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step; also the largest prefill chunk
@@ -176,7 +177,7 @@ class Engine:
             c.value_dim, block_size=config.block_size, dtype=config.kv_dtype, kv_cache_bytes=config.kv_cache_bytes,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
-            window_num_blocks=config.window_num_blocks,
+            window_num_blocks=config.window_num_blocks, window_group=config.window_group,
         )
         num_blocks = pools.num_blocks[0]
         self.scheduler = Scheduler(

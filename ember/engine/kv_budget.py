@@ -75,8 +75,10 @@ def plan_kv_pools(
     max_num_batched_tokens: int,
     max_model_len: int,
     window_num_blocks: Optional[int] = None,
+    window_group: bool = True,
 ) -> KVPools:
-    """Groups and pool sizes for a model whose layer i attends to the last layer_windows[i] positions (0: all)."""
+    """Groups and pool sizes for a model whose layer i attends to the last layer_windows[i] positions (0: all).
+    window_group False: one group even for a mixed model (windowed layers keep every block and mask)."""
     n_layer = len(layer_windows)
     windows = {w for w in layer_windows if w}
     if len(windows) > 1:
@@ -86,7 +88,7 @@ def plan_kv_pools(
         return max(1, bytes_per_block(layers, n_head_kv, head_dim, value_dim, block_size, dtype))
 
     n_windowed = sum(1 for w in layer_windows if w)
-    if n_windowed in (0, n_layer):
+    if n_windowed in (0, n_layer) or not window_group:
         blocks = num_blocks if num_blocks is not None else max(1, kv_cache_bytes // per_block(n_layer))
         return KVPools((0,) * n_layer, (blocks,))
     window = windows.pop()

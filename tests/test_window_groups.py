@@ -1,0 +1,110 @@
+"""Gemma3-270m through the engine with its sliding-window layers in their own KV group (window 512): greedy
+tokens equal those of the one-group layout (EngineConfig(window_group=False): windowed layers keep every
+block and mask, the engine's layout before KV groups, which never touches the windowed pool, its release or
+its prefix rule), for a prompt + generation longer than the window, in a mixed batch, with a shared prefix
+longer than the window, and under a small windowed pool; and a long sequence holds only its window's blocks
+in the windowed group while the global group holds all of its positions."""
+from __future__ import annotations
+
+import pytest
+
+import ember
+from ember.engine.block_manager import NULL_BLOCK
+from ember.engine.engine import Engine, EngineConfig
+from ember.engine.generator import GenerationOptions
+from ember.engine.sampler import SamplingParams
+from engine_helpers import run_all
+
+pytestmark = pytest.mark.model
+
+BUDGET = 256  # per-step tokens: the ~700-token prompt is prefilled in three chunks
+CFG = dict(max_model_len=1024, max_num_batched_tokens=BUDGET)
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma3_path):
+    m = ember.load(gemma3_path, n_ctx=1024)
+    assert m.config.sliding_window == 512 and 0 < sum(m.config.swa_layers) < m.config.n_layer
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts(gemma):
+    """A ~700-token document prompt, a second one sharing its first 600 tokens, and two short ones."""
+    from pathlib import Path
+
+    tok = gemma.tokenizer
+    doc = tok.encode((Path(__file__).parent / "fixtures" / "gpl3.txt").read_text(), add_special=False)
+    long = [tok.bos_id] + doc[:700]
+    other = long[:600] + doc[2000:2040]
+    return {"long": long, "other": other, "short1": doc[3000:3030], "short2": doc[4000:4100]}
+
+
+OPTS = {"long": 64, "other": 32, "short1": 32, "short2": 32}
+
+
+def options(name):
+    return GenerationOptions(max_tokens=OPTS[name], sampling=GREEDY)
+
+
+@pytest.fixture(scope="module")
+def reference(gemma, prompts):
+    """Each request alone through the one-group layout."""
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_group=False,
+                                                               enable_prefix_caching=False))
+    assert engine.cache.num_groups == 1
+    return {name: run_all(engine, [ids], [options(name)])[0].completion.ids for name, ids in prompts.items()}
+
+
+def test_long_sequence_in_a_mixed_batch_keeps_only_its_window(gemma, prompts, reference):
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG))
+    assert engine.cache.num_groups == 2
+    window, bs = 512, engine.config.block_size
+    peak = 0
+    execute = engine.runner.execute
+
+    def spy(batch):
+        nonlocal peak
+        for e in batch.scheduled:
+            glob, win = e.seq.block_tables
+            end = e.start + e.num_tokens
+            assert NULL_BLOCK not in glob and len(glob) == -(-end // bs)  # the global group keeps every block
+            held = sum(b != NULL_BLOCK for b in win)
+            # This chunk's positions and the window before it: (start - window, end), nothing earlier.
+            assert held <= -(-(window - 1 + e.num_tokens) // bs) + 1, (e.start, e.num_tokens, held)
+            assert all(b == NULL_BLOCK for b in win[: max(0, e.start - window + 1) // bs])
+            peak = max(peak, held)
+        return execute(batch)
+
+    engine.runner.execute = spy
+    names = ["long", "short1", "short2"]
+    outs = run_all(engine, [prompts[n] for n in names], [options(n) for n in names])
+    for name, out in zip(names, outs):
+        assert out.completion.ids == reference[name], name
+    assert len(prompts["long"]) + 64 > 700 and peak < -(-(len(prompts["long"]) + 64) // bs)
+    stats = engine.scheduler.kv.group_stats()
+    assert stats[0].num_used == stats[1].num_used == 0
+
+
+def test_shared_prefix_longer_than_the_window(gemma, prompts, reference):
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG))
+    (first,) = run_all(engine, [prompts["long"]], [options("long")])
+    (second,) = run_all(engine, [prompts["other"]], [options("other")])
+    assert first.completion.ids == reference["long"]
+    assert second.completion.ids == reference["other"]
+    # 37 full blocks (592 tokens) of the 600 shared: the global chain and the window (80, 592] were cached.
+    assert second.metrics.cached_tokens == 592
+
+
+def test_small_windowed_pool_preempts_and_matches(gemma, prompts, reference):
+    # 80 windowed blocks: one ~700-token prompt's chunk and window (49 blocks) plus a little, so concurrent
+    # long requests must wait for or preempt one another on the windowed pool while the global one has room.
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_num_blocks=80))
+    assert engine.scheduler.config.num_blocks > 3 * (700 + 64) // 16  # the global pool is not the limit
+    names = ["long", "other", "short2"]
+    outs = run_all(engine, [prompts[n] for n in names], [options(n) for n in names])
+    for name, out in zip(names, outs):
+        assert out.completion.ids == reference[name], name
+    st = engine.scheduler.kv.group_stats()[1]
+    assert st.num_blocks == 80 and st.num_used == 0
