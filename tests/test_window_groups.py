@@ -48,16 +48,20 @@ def options(name):
     return GenerationOptions(max_tokens=OPTS[name], sampling=GREEDY)
 
 
-@pytest.fixture(scope="module")
-def reference(gemma, prompts):
-    """Each request alone through the one-group layout."""
-    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_group=False,
-                                                               enable_prefix_caching=False))
+def one_group(gemma, **kw) -> Engine:
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_group=False, **kw))
     assert engine.cache.num_groups == 1
-    return {name: run_all(engine, [ids], [options(name)])[0].completion.ids for name, ids in prompts.items()}
+    return engine
 
 
-def test_long_sequence_in_a_mixed_batch_keeps_only_its_window(gemma, prompts, reference):
+MIXED = ["long", "short1", "short2"]
+
+
+def test_long_sequence_in_a_mixed_batch_keeps_only_its_window(gemma, prompts):
+    # Reference: the same workload through the one-group layout (the same batches; a request's greedy tokens in
+    # a batch can differ from its tokens alone by bfloat16 GEMM-vs-GEMV effects, in either layout).
+    ref = [o.completion.ids for o in run_all(one_group(gemma), [prompts[n] for n in MIXED],
+                                              [options(n) for n in MIXED])]
     engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG))
     assert engine.cache.num_groups == 2
     window, bs = 512, engine.config.block_size
@@ -78,33 +82,52 @@ def test_long_sequence_in_a_mixed_batch_keeps_only_its_window(gemma, prompts, re
         return execute(batch)
 
     engine.runner.execute = spy
-    names = ["long", "short1", "short2"]
-    outs = run_all(engine, [prompts[n] for n in names], [options(n) for n in names])
-    for name, out in zip(names, outs):
-        assert out.completion.ids == reference[name], name
+    outs = run_all(engine, [prompts[n] for n in MIXED], [options(n) for n in MIXED])
+    assert [o.completion.ids for o in outs] == ref
     assert len(prompts["long"]) + 64 > 700 and peak < -(-(len(prompts["long"]) + 64) // bs)
     stats = engine.scheduler.kv.group_stats()
     assert stats[0].num_used == stats[1].num_used == 0
 
 
-def test_shared_prefix_longer_than_the_window(gemma, prompts, reference):
-    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG))
-    (first,) = run_all(engine, [prompts["long"]], [options("long")])
-    (second,) = run_all(engine, [prompts["other"]], [options("other")])
-    assert first.completion.ids == reference["long"]
-    assert second.completion.ids == reference["other"]
-    # 37 full blocks (592 tokens) of the 600 shared: the global chain and the window (80, 592] were cached.
-    assert second.metrics.cached_tokens == 592
+def test_shared_prefix_longer_than_the_window(gemma, prompts):
+    runs = []
+    for engine in (one_group(gemma), Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG))):
+        (first,) = run_all(engine, [prompts["long"]], [options("long")])
+        (second,) = run_all(engine, [prompts["other"]], [options("other")])
+        # 37 full blocks (592 tokens) of the 600 shared: the global chain and, in the windowed group, the
+        # blocks of the window (80, 592] were still cached.
+        assert second.metrics.cached_tokens == 592
+        runs.append((first.completion.ids, second.completion.ids))
+    assert runs[1] == runs[0]
+    # And alone, without any cache, the second request gives the same tokens in both layouts.
+    alone = [run_all(e, [prompts["other"]], [options("other")])[0].completion.ids
+             for e in (one_group(gemma, enable_prefix_caching=False),
+                       Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, enable_prefix_caching=False)))]
+    assert alone[0] == alone[1]
 
 
-def test_small_windowed_pool_preempts_and_matches(gemma, prompts, reference):
-    # 80 windowed blocks: one ~700-token prompt's chunk and window (49 blocks) plus a little, so concurrent
-    # long requests must wait for or preempt one another on the windowed pool while the global one has room.
-    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_num_blocks=80))
-    assert engine.scheduler.config.num_blocks > 3 * (700 + 64) // 16  # the global pool is not the limit
+def test_small_windowed_pool_preempts_and_completes(gemma, prompts):
+    """The windowed pool (60 blocks: one long prompt's chunk and window, 49, plus a little) is the limit, the
+    global one is not: concurrent long requests wait for or preempt one another and all complete. (Token
+    equality with another layout is not asserted here: preemption and cut chunks change which rows share a
+    bfloat16 GEMM; tests/test_engine.py checks exactness under windowed-pool pressure on the tiny gemma3.)"""
+    engine = Engine(gemma.model, gemma.tokenizer, EngineConfig(**CFG, window_num_blocks=60))
+    assert engine.scheduler.config.num_blocks > 3 * (701 + 64) // 16
     names = ["long", "other", "short2"]
+    seen_held = []
+    execute = engine.runner.execute
+
+    def spy(batch):
+        seen_held.append(engine.scheduler.kv.group_stats()[1].num_used)
+        return execute(batch)
+
+    engine.runner.execute = spy
     outs = run_all(engine, [prompts[n] for n in names], [options(n) for n in names])
     for name, out in zip(names, outs):
-        assert out.completion.ids == reference[name], name
-    st = engine.scheduler.kv.group_stats()[1]
-    assert st.num_blocks == 80 and st.num_used == 0
+        assert out.finish_reason in ("length", "stop") and out.completion.ids, name
+        if out.finish_reason == "length":
+            assert len(out.completion.ids) == OPTS[name]
+    assert max(seen_held) <= 60 and engine.stats().num_preemptions + sum(
+        o.metrics.queued_seconds > 0 for o in outs) > 0
+    st = engine.scheduler.kv.group_stats()
+    assert st[1].num_blocks == 60 and st[0].num_used == st[1].num_used == 0
