@@ -311,6 +311,27 @@ def test_preemption_under_memory_pressure_keeps_outputs(tiny):
     assert_same(results, [alone(m, p, opt) for p in prompts])
 
 
+def test_windowed_pool_pressure_keeps_outputs(tiny):
+    """gemma3's sliding-window layers (window 4) in their own pool of 8 blocks while the global pool has 200:
+    sequences that cross the window many times hold at most a window's blocks there, the windowed pool alone
+    forces preemptions, and every request completes exactly as alone (the single-sequence Generator, whose
+    ring buffers share nothing with the paged cache)."""
+    m = tiny
+    if not any(m.config.swa_layers):
+        pytest.skip("one KV group: no windowed pool")
+    # Short prompts are admitted together (a block each); decoding, each comes to hold 2 windowed blocks.
+    prompts = prompts_for(m, [3, 4, 2, 3, 4], seed=11)
+    opt = GenerationOptions(max_tokens=24, sampling=GREEDY)
+    engine = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=200, window_num_blocks=8,
+                                                      max_num_seqs=5, max_num_batched_tokens=16))
+    assert engine.cache.num_groups == 2 and engine.cache.k[5].data.shape[0] == 200  # layer 5 is global
+    assert engine.cache.k[0].data.shape[0] == 8
+    results = run_all(engine, prompts, [opt] * 5)
+    assert engine.stats().num_preemptions > 0
+    assert engine.scheduler.kv.group_stats()[0].num_free + engine.scheduler.kv.group_stats()[0].num_cached == 200
+    assert_same(results, [alone(m, p, opt) for p in prompts])
+
+
 def test_abort_frees_blocks_at_once_and_neighbours_continue(tiny):
     m = tiny
     prompts = prompts_for(m, [20, 8], seed=9)
