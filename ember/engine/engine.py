@@ -37,8 +37,9 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Sequ
 import torch
 
 from ember.engine.draft import DraftProposer
-from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
+from ember.engine.generator import Chunk, Completion, GenerationOptions, TokenStream
 from ember.engine.kv_budget import plan_kv_pools
+from ember.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
 from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
@@ -73,69 +74,6 @@ class EngineConfig:
         if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1:
             raise InvalidParameterError(f"kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
         # block_size, num_blocks, max_num_seqs, max_num_batched_tokens are validated by SchedulerConfig.
-
-
-@dataclass(frozen=True)
-class RequestMetrics:
-    """One request's timings (seconds, monotonic clock) and token counts."""
-
-    arrival_time: float
-    queued_seconds: float  # arrival -> first scheduled
-    prefill_seconds: float  # first scheduled -> first token sampled (includes steps shared with others)
-    first_token_seconds: float  # arrival -> first token (time to first token)
-    decode_seconds: float  # first token -> finished
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens reused from the prefix cache at first admission
-    generated_tokens: int
-    num_preemptions: int
-
-    def stats(self) -> Stats:
-        """The single-sequence path's Stats (for Completion)."""
-        return Stats(
-            prompt_tokens=self.prompt_tokens,
-            cached_tokens=self.cached_tokens,
-            prompt_seconds=self.prefill_seconds,
-            generated_tokens=self.generated_tokens,
-            generate_seconds=self.decode_seconds,
-        )
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request.
-
-    token: the new output token, or None when the step ended the request without one (an end-of-generation
-    token, which is not part of the output, or an abort). text: the text delta (may be "" while a multi-byte
-    character or a possible stop string is pending; on the last output it includes the released tail).
-    completion/metrics: set on the last output (finished is True)."""
-
-    request_id: int
-    token: Optional[int]
-    text: str
-    finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
-    completion: Optional[Completion] = None
-    metrics: Optional[RequestMetrics] = None
-    error: Optional[BaseException] = None  # set with finish_reason "error": the step failed
-    # With add_request(logprobs=n): the token's log-probability under the model's raw distribution (before
-    # penalties, temperature and filters, as OpenAI reports it) and the n most likely (id, logprob) pairs.
-    logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_steps: int
-    num_preemptions: int  # sequences preempted (by recompute) since the engine started
-    num_free_blocks: int
-    num_blocks: int
-    prefix_hit_tokens: int
-    prefix_query_tokens: int
-    spec_drafted: int = 0  # speculative tokens proposed and verified since the engine started
-    spec_accepted: int = 0  # of those, accepted
-    spec_steps: int = 0  # verification passes
-    spec_emitted: int = 0  # tokens those passes emitted (accepted + one each)
 
 
 Sink = Callable[[RequestOutput], None]
