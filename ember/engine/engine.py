@@ -26,6 +26,7 @@ request's blocks at once when no step is running, else the running step's end ap
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import threading
@@ -110,13 +111,14 @@ class Engine:
         self.max_model_len = min(config.max_model_len or n_pos, n_pos)
         # KV groups: gemma3's sliding-window layers get their own, smaller pool whose blocks are given back as
         # the window moves; other models keep one pool (see kv_budget for the sizing rule).
-        pools = plan_kv_pools(
-            [c.sliding_window if c.is_swa(i) else 0 for i in range(c.n_layer)], c.n_head_kv, c.head_dim,
-            c.value_dim, block_size=config.block_size, dtype=config.kv_dtype, kv_cache_bytes=config.kv_cache_bytes,
-            num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
+        plan = functools.partial(
+            plan_kv_pools, [c.sliding_window if c.is_swa(i) else 0 for i in range(c.n_layer)], c.n_head_kv,
+            c.head_dim, c.value_dim, block_size=config.block_size, dtype=config.kv_dtype,
+            kv_cache_bytes=config.kv_cache_bytes, num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
-            window_num_blocks=config.window_num_blocks, window_group=config.window_group,
+            window_num_blocks=config.window_num_blocks,
         )
+        pools = plan(window_group=config.window_group)
         num_blocks = pools.num_blocks[0]
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -140,7 +142,10 @@ class Engine:
             raise InvalidParameterError("speculative method 'draft' needs a draft model")
         self.draft: Optional[DraftProposer] = None
         if draft_model is not None:
-            self.draft = DraftProposer(draft_model, c.n_vocab, num_blocks, config.block_size, config.kv_dtype)
+            # One group of as many blocks as the one-group layout would give the main model: window groups let the
+            # main model hold more tokens, but the draft's pool keeps its size (it drops what it cannot hold).
+            draft_blocks = plan(window_group=False).num_blocks[0]
+            self.draft = DraftProposer(draft_model, c.n_vocab, draft_blocks, config.block_size, config.kv_dtype)
         self.speculator = Speculator(spec, c.n_vocab, self.draft)
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
