@@ -166,8 +166,10 @@ class KVGroups:
         """Slots for seq's next num_tokens positions in every group, or OutOfBlocksError with nothing changed.
         A windowed group holds blocks for positions (start - window, start + num_tokens) of this chunk only:
         earlier ones were released by release_out_of_window, or are NULL_BLOCK in an adopted match."""
+        if num_tokens < 1:
+            raise ValueError("allocate needs at least one token")
         per = self._per_group(match)
-        if num_tokens >= 1 and not self.can_allocate(seq, num_tokens, match):
+        if not self.can_allocate(seq, num_tokens, match):
             raise OutOfBlocksError(f"not enough free KV blocks for {num_tokens} tokens of sequence {seq.seq_id}")
         copies: list[GroupCopy] = []
         for i, (m, g) in enumerate(zip(self.managers, per)):

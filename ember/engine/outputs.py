@@ -63,8 +63,8 @@ class EngineStats:
     num_waiting: int
     num_steps: int
     num_preemptions: int  # sequences preempted (by recompute) since the engine started
-    num_free_blocks: int
-    num_blocks: int
+    num_free_blocks: int  # free or evictable, summed over KV groups (gemma3: global + sliding-window pool)
+    num_blocks: int  # summed over KV groups
     prefix_hit_tokens: int
     prefix_query_tokens: int
     spec_drafted: int = 0  # speculative tokens proposed and verified since the engine started

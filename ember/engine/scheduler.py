@@ -69,8 +69,8 @@ class SchedulerConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
             )
 
-
     def kv_groups(self) -> list[KVGroup]:
+        """The KV groups these fields describe (see sliding_window above), global group first."""
         if self.sliding_window is None:
             return [KVGroup(self.num_blocks)]
         if self.window_num_blocks is None:
