@@ -69,6 +69,10 @@ def test_windowed_blocks_are_released_as_the_sequence_advances():
     w = kv.group_stats()[1]
     assert w.num_used == held(seq, 1) and w.num_cached + w.num_free == 16 - held(seq, 1)
     assert kv.group_stats()[0].num_used == held(seq, 0) == 20
+    assert kv.kv_waste() == 0.0  # 80 positions: every held block is full in both groups
+    seq.append_token(7)
+    run(kv, seq, 1)  # position 80 opens a block in each group: 3 empty slots in each
+    assert kv.kv_waste() == pytest.approx(2 * 3 / ((held(seq, 0) + held(seq, 1)) * BS))
     kv.free(seq)
     assert kv.stats().num_used == 0 and seq.block_tables == [[], []]
 
