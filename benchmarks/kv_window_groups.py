@@ -2,6 +2,7 @@
 """How much context gemma3's KV cache holds with its sliding-window layers in their own KV group (issue 4).
 
     python3 benchmarks/kv_window_groups.py [--model gemma3] [--contexts 2048 4096 8192 16384 30000]
+                                           [--decode-context 1500 --decode-repeats 2]
 
 Builds the engine with the default EngineConfig (kv_cache_bytes 256 MiB, 16 sequences, 512 tokens per step,
 block size 16) twice over the real model: the one-group layout (window_group=False: windowed layers keep
@@ -11,19 +12,26 @@ stand-in "model" (token = last + 1; KV accounting depends only on lengths), for 
 length: how many hold KV at once when 16 arrive together (each generates enough tokens to still be running
 when the last one could be admitted, so the peak is set by memory, or by the 16-sequence cap), with the
 preemptions that cost, and the KV bytes the first sequence holds per token of context at its end (global
-blocks x their bytes + windowed blocks x theirs, over its length). No forward pass runs.
+blocks x their bytes + windowed blocks x theirs, over its length). No forward pass runs for those.
+
+--decode-context N (0: skip) then times real decode steps of 4 streams at ~N tokens of context each (greedy,
+48 tokens, prefill excluded), one layout after the other in one process, --decode-repeats times.
 """
 from __future__ import annotations
 
 import argparse
 import random
 import sys
+import time
+from pathlib import Path
 
 import ember
 from ember.engine.engine import Engine, EngineConfig
+from ember.engine.generator import GenerationOptions
 from ember.engine.kv_budget import bytes_per_block
 from ember.engine.scheduler import Scheduler, SchedulerConfig
 from ember.engine.sequence import Sequence
+from ember.engine.sampler import SamplingParams
 from ember.errors import ContextOverflowError
 
 DECODE = 16  # tokens generated per request in longest_request
@@ -78,10 +86,31 @@ def run(cfg: SchedulerConfig, per_block: list[int], context: int, n: int) -> tup
     return peak, preempted, per_token
 
 
+def decode_ms(m: "ember.Model", window_group: bool, context: int, streams: int = 4) -> float:
+    """Mean milliseconds per engine step while `streams` greedy requests of ~context tokens decode."""
+    doc = m.tokenizer.encode((Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gpl3.txt")
+                             .read_text(), add_special=False)
+    doc = doc * (1 + (context + 50 * streams) // len(doc))
+    engine = Engine(m.model, m.tokenizer, EngineConfig(max_model_len=m.n_ctx, window_group=window_group))
+    opts = GenerationOptions(max_tokens=48, sampling=SamplingParams(temperature=0))
+    for i in range(streams):
+        engine.add_request(doc[i * 50 : i * 50 + context], opts)
+    sched = engine.scheduler
+    while sched.waiting or any(s.is_prefill for s in sched.running):
+        engine.step()
+    t0, steps = time.perf_counter(), 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - t0) / steps * 1000
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma3")
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 30000])
+    ap.add_argument("--decode-context", type=int, default=1500)
+    ap.add_argument("--decode-repeats", type=int, default=2)
     args = ap.parse_args(argv)
     m = ember.load(args.model, n_ctx=32768)
     print(f"{args.model}: {m.config.n_layer} layers, {sum(m.config.swa_layers)} windowed "
@@ -106,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {ctx} | {name} | does not fit | - | - |")
         else:
             print(f"| {ctx} | {name} | {r[0]} | {r[1]} | {r[2]:.0f} |")
+    if args.decode_context:
+        print(f"\ndecode step, 4 streams at ~{args.decode_context} tokens of context (ms/step):")
+        for _ in range(args.decode_repeats):
+            one, two = (decode_ms(m, wg, args.decode_context) for wg in (False, True))
+            print(f"  one group {one:.1f}, two groups {two:.1f}")
     return 0
 
 
