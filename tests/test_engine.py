@@ -330,6 +330,8 @@ def test_windowed_pool_pressure_keeps_outputs(tiny):
     assert engine.stats().num_preemptions > 0
     assert engine.scheduler.kv.group_stats()[0].num_free + engine.scheduler.kv.group_stats()[0].num_cached == 200
     assert_same(results, [alone(m, p, opt) for p in prompts])
+    with pytest.raises(InvalidParameterError):
+        EngineConfig(window_num_blocks=0)
 
 
 def test_abort_frees_blocks_at_once_and_neighbours_continue(tiny):

@@ -58,7 +58,9 @@ from ember.tokenizer import Tokenizer
 class EngineConfig:
     block_size: int = 16
     num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds (global group: see kv_budget)
-    window_num_blocks: Optional[int] = None  # sliding-window group's blocks; None: kv_budget's sizing rule
+    # Blocks of the sliding-window group (models mixing windowed and global layers; ignored by others).
+    # None: kv_budget's sizing rule.
+    window_num_blocks: Optional[int] = None
     window_group: bool = True  # False: one KV group, windowed layers keep every block (the old layout)
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 16
@@ -74,6 +76,9 @@ class EngineConfig:
             raise InvalidParameterError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1:
             raise InvalidParameterError(f"kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
+        w = self.window_num_blocks
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise InvalidParameterError(f"window_num_blocks must be a positive integer or None, got {w!r}")
         # block_size, num_blocks, max_num_seqs, max_num_batched_tokens are validated by SchedulerConfig.
 
 
