@@ -1,8 +1,9 @@
 """Scheduler: continuous batching, chunked prefill, preemption by recompute, prefix sharing, aborts.
 
-No model: a FakeRunner executes each ScheduledBatch against a simulated paged KV cache. The KV 'value' at a
-position is computed from the value at the previous position READ BACK FROM THE CACHE, and the sampled token
-is a hash of every visible KV value read through the block table. So any scheduling or block-manager bug that
+No model: a FakeRunner executes each ScheduledBatch against a simulated paged KV cache, one per KV group. The
+KV 'value' at a position is computed from the value at the previous position READ BACK FROM THE CACHE (of
+every group, which must agree), and the sampled token is a hash of every visible KV value read through the
+block tables (all positions in a global group, the last `window` in a windowed one). So any scheduling or block-manager bug that
 loses, shares wrongly or overwrites KV changes the output, and every request's output is compared with what
 the same fake model generates for it alone (reference()).
 """
@@ -35,13 +36,16 @@ def is_eos(token: int) -> bool:
     return token % 61 == 0
 
 
-def reference(prompt: list[int], max_tokens: int, window: int | None = None, use_eos: bool = False) -> list[int]:
-    """The fake model's output for one request run alone, without any cache tricks."""
+def reference(prompt: list[int], max_tokens: int, window: int | None = None, use_eos: bool = False,
+              windows: tuple[int | None, ...] | None = None) -> list[int]:
+    """The fake model's output for one request run alone, without any cache tricks. windows: each KV group's
+    window (None: global), default (window,)."""
+    windows = (window,) if windows is None else windows
     tokens, kvs, out = list(prompt), [], []
     while True:
         for p in range(len(kvs), len(tokens)):
             kvs.append(kv_value(kvs[-1] if kvs else SEED, tokens[p], p))
-        t = sample(kvs if window is None else kvs[-window:])
+        t = sample([v for w in windows for v in (kvs if w is None else kvs[-w:])])
         out.append(t)
         tokens.append(t)
         if len(out) == max_tokens or (use_eos and is_eos(t)):
@@ -53,56 +57,70 @@ class FakeRunner:
         self.sched = sched
         cfg = sched.config
         self.bs = cfg.block_size
-        self.window = cfg.sliding_window
-        self.kv: list[list] = [[None] * self.bs for _ in range(cfg.num_blocks)]
+        self.groups = cfg.kv_groups()
+        self.kv: list[list[list]] = [[[None] * self.bs for _ in range(g.num_blocks)] for g in self.groups]
 
-    def _read(self, table: list[int], p: int) -> int:
+    def _read(self, g: int, table: list[int], p: int) -> int:
         bid = table[p // self.bs]
-        assert bid != NULL_BLOCK, f"position {p} read from a released block"
-        return self.kv[bid][p % self.bs]
+        assert bid != NULL_BLOCK, f"position {p} read from a released block of group {g}"
+        return self.kv[g][bid][p % self.bs]
 
     def execute(self, batch: ScheduledBatch) -> list[int]:
-        for src, dst in batch.copies:  # in order, before anything is written
-            self.kv[dst] = list(self.kv[src])
+        for g, src, dst in batch.copies:  # in order, before anything is written
+            self.kv[g][dst] = list(self.kv[g][src])
         for e in batch.scheduled:
-            table, tokens = e.seq.block_table, e.seq.token_ids
+            tables, tokens = e.seq.block_tables, e.seq.token_ids
             for p in range(e.start, e.start + e.num_tokens):
-                prev = SEED if p == 0 else self._read(table, p - 1)
-                self.kv[table[p // self.bs]][p % self.bs] = kv_value(prev, tokens[p], p)
+                prevs = {SEED} if p == 0 else {self._read(g, tables[g], p - 1) for g in range(len(self.groups))}
+                assert len(prevs) == 1, f"groups disagree on position {p - 1} of sequence {e.seq.seq_id}"
+                value = kv_value(prevs.pop(), tokens[p], p)
+                for g in range(len(self.groups)):
+                    self.kv[g][tables[g][p // self.bs]][p % self.bs] = value
         out = []
         for e in batch.sampling:
             end = e.start + e.num_tokens
-            lo = 0 if self.window is None else max(0, end - self.window)
-            values: list = []
-            for bid in e.seq.block_table[lo // self.bs : -(-end // self.bs)]:
-                values.extend(self.kv[bid])
-            first = (lo // self.bs) * self.bs
-            out.append(sample(values[lo - first : end - first]))
+            visible: list = []
+            for g, group in enumerate(self.groups):
+                lo = 0 if group.window is None else max(0, end - group.window)
+                visible.extend(self._read(g, e.seq.block_tables[g], p) for p in range(lo, end))
+            out.append(sample(visible))
         return out
 
 
 def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None, forks: bool = False) -> None:
     """Independent of the manager's own bookkeeping: recount everything from the block tables."""
-    cfg, bm = sched.config, sched.block_manager
-    holders = Counter(b for s in sched.running for b in s.block_table if b != NULL_BLOCK)
-    for bid in range(cfg.num_blocks):
-        assert bm.ref_count(bid) == holders[bid], bid
-        if holders[bid] == 0:
-            assert bm.is_cached(bid) == (bm.block_hash(bid) is not None)
-    st = bm.stats()
-    assert st.num_free + st.num_used + st.num_cached == cfg.num_blocks
-    assert st.num_used == len(holders)
-    if not forks:
-        for bid, n in holders.items():
-            assert n == 1 or bm.block_hash(bid) is not None, f"block {bid} shared but not an immutable cached block"
+    cfg = sched.config
+    for g, (group, bm) in enumerate(zip(cfg.kv_groups(), sched.kv.managers)):
+        holders = Counter(b for s in sched.running for b in s.block_tables[g] if b != NULL_BLOCK)
+        for bid in range(group.num_blocks):
+            assert bm.ref_count(bid) == holders[bid], (g, bid)
+            if holders[bid] == 0:
+                assert bm.is_cached(bid) == (bm.block_hash(bid) is not None)
+        st = bm.stats()
+        assert st.num_free + st.num_used + st.num_cached == group.num_blocks
+        assert st.num_used == len(holders)
+        if not forks:
+            for bid, n in holders.items():
+                assert n == 1 or bm.block_hash(bid) is not None, f"block {bid} shared but not an immutable cached block"
+        for s in sched.running:
+            table = s.block_tables[g]
+            real = [b for b in table if b != NULL_BLOCK]
+            assert len(set(real)) == len(real)
+            assert len(table) * cfg.block_size >= s.num_computed_tokens
+            if group.window is not None:  # nothing before the next query's window is kept
+                lowest = max(0, s.num_computed_tokens - group.window + 1)
+                assert all(b == NULL_BLOCK for b in table[: lowest // cfg.block_size]), (g, s)
+        if batch is not None:
+            for e in batch.scheduled:
+                # What this step writes is private and unpublished (after the copies are applied).
+                for p in range(e.start, e.start + e.num_tokens):
+                    bid = e.seq.block_tables[g][p // cfg.block_size]
+                    assert bm.ref_count(bid) == 1 and bm.block_hash(bid) is None, (g, e.seq.seq_id, p, bid)
     for s in sched.running:
         assert s.status is SequenceStatus.RUNNING
-        real = [b for b in s.block_table if b != NULL_BLOCK]
-        assert len(set(real)) == len(real)
-        assert len(s.block_table) * cfg.block_size >= s.num_computed_tokens
     for s in sched.waiting:
         assert s.status in (SequenceStatus.WAITING, SequenceStatus.PREEMPTED)
-        assert s.block_table == [] and s.num_computed_tokens == 0
+        assert not any(s.block_tables) and s.num_computed_tokens == 0
     assert len(sched.running) <= cfg.max_num_seqs
     if batch is not None:
         assert batch.num_batched_tokens <= cfg.max_num_batched_tokens
@@ -110,12 +128,8 @@ def check_invariants(sched: Scheduler, batch: ScheduledBatch | None = None, fork
         for e in batch.scheduled:
             assert e.num_tokens >= 1 and e.start == e.seq.num_computed_tokens
             assert e.seq.status is SequenceStatus.RUNNING
-            # What this step writes is private and unpublished (after the copies are applied).
-            for p in range(e.start, e.start + e.num_tokens):
-                bid = e.seq.block_table[p // cfg.block_size]
-                assert bm.ref_count(bid) == 1 and bm.block_hash(bid) is None, (e.seq.seq_id, p, bid)
         for s in batch.preempted:
-            assert s.status is SequenceStatus.PREEMPTED and s.block_table == []
+            assert s.status is SequenceStatus.PREEMPTED and not any(s.block_tables)
 
 
 class Driver:
@@ -157,12 +171,12 @@ class Driver:
         raise AssertionError("requests did not complete")
 
     def assert_outputs_correct(self) -> None:
-        window = self.sched.config.sliding_window
+        windows = tuple(g.window for g in self.sched.config.kv_groups())
         for seq in self.seqs.values():
             if seq.finish_reason is FinishReason.ABORT:
                 continue
             assert seq.is_finished
-            want = reference(seq.prompt_token_ids, seq.max_tokens, window, self.use_eos)
+            want = reference(seq.prompt_token_ids, seq.max_tokens, use_eos=self.use_eos, windows=windows)
             assert seq.output_token_ids == want, seq
             expected_reason = FinishReason.STOP if self.use_eos and is_eos(want[-1]) else FinishReason.LENGTH
             assert seq.finish_reason is expected_reason
@@ -416,7 +430,7 @@ def test_fork_shares_blocks_and_copies_on_write():
     d.seqs[100] = child
     assert child.block_table == parent.block_table
     batch = d.step()  # both write position 10, inside the shared partial block 2
-    assert len(batch.copies) == 1 and batch.copies[0][0] in parent.block_table + child.block_table
+    assert len(batch.copies) == 1 and batch.copies[0][0] == 0 and batch.copies[0][1] in parent.block_table + child.block_table
     assert parent.block_table[2] != child.block_table[2] and parent.block_table[0] == child.block_table[0]
     d.run()
     d.assert_outputs_correct()  # the fake model is deterministic, so both continue identically

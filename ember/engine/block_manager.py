@@ -23,8 +23,9 @@ Sliding window: for layers that only attend to the last `window` positions, bloc
 are given back with free_out_of_window(). The table keeps NULL_BLOCK in their place, so logical index i still
 means positions [i*block_size, ...) and a runner computing slot = table[pos // block_size] stays correct; the
 runner must never read a NULL_BLOCK entry (those positions are outside every future query's window) and may
-substitute any valid block id when it packs tables into a tensor. A model mixing windowed and full-attention
-layers needs a separate manager (and table) per layer group; this manager frees for all layers it serves.
+substitute any valid block id when it packs tables into a tensor. This manager frees for all layers it serves;
+a model mixing windowed and full-attention layers gets one manager per layer group (ember.engine.kv_groups),
+each with its own pool and its own table in the sequence (`seq.block_tables[group]`).
 """
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ class _Block:
 class BlockManager:
     """Allocates KV blocks to sequences, shares full blocks by prefix hash, and orders copy-on-write."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, group: int = 0) -> None:
+        """group: which of a sequence's block tables (`seq.block_tables[group]`) this manager keeps; a model
+        with one KV layer group uses group 0, which is also `seq.block_table`."""
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -109,6 +112,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.group = group
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
         # Insertion order is release order, so the first entry is the least recently used.
@@ -120,6 +124,13 @@ class BlockManager:
         self._num_committed: dict[int, int] = {}
         self._prefix_query_tokens = 0
         self._prefix_hit_tokens = 0
+
+    def table(self, seq: Sequence) -> list[int]:
+        """seq's block table in this manager's group (created empty on first use), mutated in place."""
+        tables = seq.block_tables
+        while len(tables) <= self.group:
+            tables.append([])
+        return tables[self.group]
 
     # --- queries -----------------------------------------------------------------------------------------
 
@@ -156,18 +167,21 @@ class BlockManager:
         A shared block counts once, filled as far as its fullest holder has computed. Cached blocks are not
         allocated and do not count.
         """
+        filled, allocated = self.slot_usage()
+        return 1.0 - filled / allocated if allocated else 0.0
+
+    def slot_usage(self) -> tuple[int, int]:
+        """(token slots holding a computed token, token slots allocated) over the used blocks (see kv_waste)."""
         bs = self.block_size
         filled: dict[int, int] = {}
         for seq in self._holders.values():
-            for i, bid in enumerate(seq.block_table):
+            for i, bid in enumerate(self.table(seq)):
                 if bid == NULL_BLOCK:
                     continue
                 n = min(bs, max(0, seq.num_computed_tokens - i * bs))
                 if n > filled.get(bid, -1):
                     filled[bid] = n
-        if not filled:
-            return 0.0
-        return 1.0 - sum(filled.values()) / (len(filled) * bs)
+        return sum(filled.values()), len(filled) * bs
 
     # --- prefix cache ------------------------------------------------------------------------------------
 
@@ -181,9 +195,14 @@ class BlockManager:
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
         return hashes
 
+    def lookup(self, seq: Sequence) -> list[Optional[int]]:
+        """For each of seq's full blocks, the block holding that chain hash here (in use or cached), else
+        None. No side effects; ember.engine.kv_groups combines these per group."""
+        return [self._hash_to_block.get(h) for h in self._update_block_hashes(seq)]
+
     def prefix_match(self, seq: Sequence) -> PrefixMatch:
         """The longest run of cached full blocks matching seq's leading tokens. No side effects."""
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or self.table(seq):
             return NO_MATCH
         block_ids = []
         for h in self._update_block_hashes(seq):
@@ -201,14 +220,15 @@ class BlockManager:
         """(table as it will be, first write position, whether the write block needs a copy, blocks that
         leave the allocatable pool just by claiming the match)."""
         if match is not None and match.block_ids:
-            if seq.block_table:
+            if self.table(seq):
                 raise ValueError(f"prefix match given for sequence {seq.seq_id} that already holds blocks")
+            # A windowed group's match has NULL_BLOCK for the blocks before the next query's window.
             table = list(match.block_ids)
             start = match.num_computed_tokens
-            claimed = sum(1 for b in table if self._blocks[b].ref_count == 0)
+            claimed = sum(1 for b in table if b != NULL_BLOCK and self._blocks[b].ref_count == 0)
             extra_ref = 1
         else:
-            table = seq.block_table
+            table = self.table(seq)
             start = seq.num_computed_tokens
             claimed = 0
             extra_ref = 0
@@ -245,10 +265,12 @@ class BlockManager:
             raise ValueError("allocate needs at least one token")
         if not self.can_allocate(seq, num_tokens, match):
             raise OutOfBlocksError(f"not enough free KV blocks for {num_tokens} tokens of sequence {seq.seq_id}")
+        table = self.table(seq)
         if match is not None and match.block_ids:
             for bid in match.block_ids:
-                self._take(bid)
-            seq.block_table = list(match.block_ids)
+                if bid != NULL_BLOCK:
+                    self._take(bid)
+            table[:] = match.block_ids
             seq.num_computed_tokens = seq.num_cached_tokens = match.num_computed_tokens
             self._prefix_hit_tokens += match.num_computed_tokens
         if match is not None:
@@ -257,7 +279,6 @@ class BlockManager:
         self._num_committed.setdefault(seq.seq_id, 0)
 
         bs = self.block_size
-        table = seq.block_table
         start = seq.num_computed_tokens
         copies: list[CopyPair] = []
         w = start // bs
@@ -293,7 +314,7 @@ class BlockManager:
         if full <= done:
             return
         hashes = self._update_block_hashes(seq)
-        table = seq.block_table
+        table = self.table(seq)
         for i in range(done, full):
             bid = table[i]
             if bid == NULL_BLOCK:
@@ -311,9 +332,10 @@ class BlockManager:
         pass wrote rejected drafts there). Those blocks were never committed (not full and computed), so they
         hold no hash and go straight back to the free list. Returns how many were released."""
         keep = -(-seq.num_computed_tokens // self.block_size)
+        table = self.table(seq)
         released = 0
-        while len(seq.block_table) > keep:
-            bid = seq.block_table.pop()
+        while len(table) > keep:
+            bid = table.pop()
             if bid != NULL_BLOCK:
                 self._release(bid)
                 released += 1
@@ -323,10 +345,11 @@ class BlockManager:
         """Release all of seq's blocks (finish, abort or preemption); its KV is gone, so nothing is computed."""
         # Release the tail first: it joins the LRU order earlier, so it is evicted before the head blocks,
         # which are the ones other prompts are most likely to share.
-        for bid in reversed(seq.block_table):
+        table = self.table(seq)
+        for bid in reversed(table):
             if bid != NULL_BLOCK:
                 self._release(bid)
-        seq.block_table = []
+        table.clear()
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         self._holders.pop(seq.seq_id, None)
@@ -334,12 +357,12 @@ class BlockManager:
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Make child share all of parent's blocks (its first write into a shared one copies it)."""
-        if child.block_table or child.seq_id in self._holders:
+        if self.table(child) or child.seq_id in self._holders:
             raise ValueError(f"fork target {child.seq_id} already holds blocks")
-        for bid in parent.block_table:
+        for bid in self.table(parent):
             if bid != NULL_BLOCK:
                 self._blocks[bid].ref_count += 1
-        child.block_table = list(parent.block_table)
+        self.table(child)[:] = self.table(parent)
         child.num_computed_tokens = parent.num_computed_tokens
         self._holders[child.seq_id] = child
         self._num_committed[child.seq_id] = self._num_committed.get(parent.seq_id, 0)
@@ -356,7 +379,7 @@ class BlockManager:
         lowest_needed = seq.num_computed_tokens - window + 1
         if lowest_needed <= 0:
             return 0
-        table = seq.block_table
+        table = self.table(seq)
         released = 0
         # Dead blocks form a prefix of the table; walk back from its end until an already released one.
         for i in range(min(lowest_needed // self.block_size, len(table)) - 1, -1, -1):

@@ -38,10 +38,14 @@ class _DraftState:
         self.token_ids: list[int] = []
         self.num_prompt_tokens = 0
         self.params: SamplingParams | None = None  # the request's, for its penalties and bias
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = [[]]  # one KV group: the draft keeps every block
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.block_hashes: list[bytes] = []
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.block_tables[0]
 
 
 class DraftProposer:

@@ -26,6 +26,7 @@ request's blocks at once when no step is running, else the running step's end ap
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import threading
@@ -37,7 +38,9 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Sequ
 import torch
 
 from ember.engine.draft import DraftProposer
-from ember.engine.generator import Chunk, Completion, GenerationOptions, Stats, TokenStream
+from ember.engine.generator import Chunk, Completion, GenerationOptions, TokenStream
+from ember.engine.kv_budget import plan_kv_pools
+from ember.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
 from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
@@ -54,7 +57,11 @@ from ember.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds
+    num_blocks: Optional[int] = None  # None: as many as kv_cache_bytes holds (global group: see kv_budget)
+    # Blocks of the sliding-window group (models mixing windowed and global layers; ignored by others).
+    # None: kv_budget's sizing rule.
+    window_num_blocks: Optional[int] = None
+    window_group: bool = True  # False: one KV group, windowed layers keep every block (the old layout)
     kv_cache_bytes: int = 256 << 20
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512  # per step; also the largest prefill chunk
@@ -69,70 +76,10 @@ class EngineConfig:
             raise InvalidParameterError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1:
             raise InvalidParameterError(f"kv_cache_bytes must be a positive integer, got {self.kv_cache_bytes!r}")
+        w = self.window_num_blocks
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise InvalidParameterError(f"window_num_blocks must be a positive integer or None, got {w!r}")
         # block_size, num_blocks, max_num_seqs, max_num_batched_tokens are validated by SchedulerConfig.
-
-
-@dataclass(frozen=True)
-class RequestMetrics:
-    """One request's timings (seconds, monotonic clock) and token counts."""
-
-    arrival_time: float
-    queued_seconds: float  # arrival -> first scheduled
-    prefill_seconds: float  # first scheduled -> first token sampled (includes steps shared with others)
-    first_token_seconds: float  # arrival -> first token (time to first token)
-    decode_seconds: float  # first token -> finished
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens reused from the prefix cache at first admission
-    generated_tokens: int
-    num_preemptions: int
-
-    def stats(self) -> Stats:
-        """The single-sequence path's Stats (for Completion)."""
-        return Stats(
-            prompt_tokens=self.prompt_tokens,
-            cached_tokens=self.cached_tokens,
-            prompt_seconds=self.prefill_seconds,
-            generated_tokens=self.generated_tokens,
-            generate_seconds=self.decode_seconds,
-        )
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request.
-
-    token: the new output token, or None when the step ended the request without one (an end-of-generation
-    token, which is not part of the output, or an abort). text: the text delta (may be "" while a multi-byte
-    character or a possible stop string is pending; on the last output it includes the released tail).
-    completion/metrics: set on the last output (finished is True)."""
-
-    request_id: int
-    token: Optional[int]
-    text: str
-    finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
-    completion: Optional[Completion] = None
-    metrics: Optional[RequestMetrics] = None
-    error: Optional[BaseException] = None  # set with finish_reason "error": the step failed
-    # With add_request(logprobs=n): the token's log-probability under the model's raw distribution (before
-    # penalties, temperature and filters, as OpenAI reports it) and the n most likely (id, logprob) pairs.
-    logprobs: Optional[tuple[float, list[tuple[int, float]]]] = None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_steps: int
-    num_preemptions: int  # sequences preempted (by recompute) since the engine started
-    num_free_blocks: int
-    num_blocks: int
-    prefix_hit_tokens: int
-    prefix_query_tokens: int
-    spec_drafted: int = 0  # speculative tokens proposed and verified since the engine started
-    spec_accepted: int = 0  # of those, accepted
-    spec_steps: int = 0  # verification passes
-    spec_emitted: int = 0  # tokens those passes emitted (accepted + one each)
 
 
 Sink = Callable[[RequestOutput], None]
@@ -167,14 +114,17 @@ class Engine:
         self.config = config
         n_pos = _rope_positions(model)
         self.max_model_len = min(config.max_model_len or n_pos, n_pos)
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(
-                c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, config.block_size, config.kv_dtype
-            )
-            num_blocks = max(1, config.kv_cache_bytes // per_block)
-        # Gemma3 mixes windowed and global layers over one block table: blocks stay allocated for all layers
-        # and windowed layers only mask (scheduler sliding_window stays None; see paged_cache).
+        # KV groups: gemma3's sliding-window layers get their own, smaller pool whose blocks are given back as
+        # the window moves; other models keep one pool (see kv_budget for the sizing rule).
+        plan = functools.partial(
+            plan_kv_pools, [c.sliding_window if c.is_swa(i) else 0 for i in range(c.n_layer)], c.n_head_kv,
+            c.head_dim, c.value_dim, block_size=config.block_size, dtype=config.kv_dtype,
+            kv_cache_bytes=config.kv_cache_bytes, num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=self.max_model_len,
+            window_num_blocks=config.window_num_blocks,
+        )
+        pools = plan(window_group=config.window_group)
+        num_blocks = pools.num_blocks[0]
         self.scheduler = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -183,11 +133,13 @@ class Engine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_prefix_caching=config.enable_prefix_caching,
                 max_model_len=self.max_model_len,
+                sliding_window=pools.window,
+                window_num_blocks=pools.window_num_blocks,
             )
         )
         self.cache = PagedKVCache(
-            c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, num_blocks, config.block_size, config.kv_dtype,
-            exact=config.exact_attention,
+            c.n_layer, c.n_head_kv, c.head_dim, c.value_dim, pools.num_blocks, config.block_size, config.kv_dtype,
+            exact=config.exact_attention, layer_groups=pools.layer_groups,
         )
         self.runner = Runner(model, self.cache)
         spec = config.speculative
@@ -195,7 +147,10 @@ class Engine:
             raise InvalidParameterError("speculative method 'draft' needs a draft model")
         self.draft: Optional[DraftProposer] = None
         if draft_model is not None:
-            self.draft = DraftProposer(draft_model, c.n_vocab, num_blocks, config.block_size, config.kv_dtype)
+            # One group of as many blocks as the one-group layout would give the main model: window groups let the
+            # main model hold more tokens, but the draft's pool keeps its size (it drops what it cannot hold).
+            draft_blocks = plan(window_group=False).num_blocks[0]
+            self.draft = DraftProposer(draft_model, c.n_vocab, draft_blocks, config.block_size, config.kv_dtype)
         self.speculator = Speculator(spec, c.n_vocab, self.draft)
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
@@ -241,13 +196,7 @@ class Engine:
         req.logprobs = logprobs
         req.spec = self.speculator.for_request(options.draft_num_predict, req.constraint is not None)
         if not req.empty:
-            # Fail now, in the caller's thread, rather than in the step that would admit it.
-            total = len(ids) + max_tokens
-            bs, nb = self.config.block_size, self.scheduler.config.num_blocks
-            if -(-(total - 1) // bs) > nb:
-                raise ContextOverflowError(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the KV cache ({nb * bs} tokens)"
-                )
+            self.scheduler.check_fits(len(ids), max_tokens)  # fail now, in the caller's thread
         with self._wake:
             self._inbox.append(("add", req))
             self._wake.notify_all()
@@ -277,10 +226,10 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler
-            b = s.block_manager.stats()
+            b = s.kv.stats()  # summed over KV groups
             return EngineStats(
                 num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.num_steps,
-                num_preemptions=self.num_preemptions, num_free_blocks=s.block_manager.num_free_blocks,
+                num_preemptions=self.num_preemptions, num_free_blocks=s.kv.num_free_blocks,
                 num_blocks=b.num_blocks, prefix_hit_tokens=b.prefix_hit_tokens,
                 prefix_query_tokens=b.prefix_query_tokens,
                 spec_drafted=self.speculator.drafted, spec_accepted=self.speculator.accepted,

@@ -4,7 +4,13 @@ Layout: per layer, K [num_blocks, block_size, n_head_kv, head_dim] and V [..., v
 position p lives at slot `block_table[p // block_size] * block_size + p % block_size` of the flattened pool;
 the block tables come from ember.engine.block_manager, this module only follows them.
 
-Protocol: before each forward pass the runner calls `set_batch(BatchLayout.build(...))`; the model then calls
+KV groups (ember.engine.kv_groups): each layer belongs to one group, and a group's layers share its block ids,
+its pool size and the sequences' tables of that group (gemma3: global layers in group 0, sliding-window layers
+in group 1 with fewer blocks). A batch has one BatchLayout per group, built from that group's tables; a layer
+attends through its group's layout.
+
+Protocol: before each forward pass the runner calls `set_batches([BatchLayout.build(...) per group])`
+(`set_batch` for one group); the model then calls
 `attend(layer, q, k, v, positions, scale, window)` once per layer with the FLAT batch of tokens (every
 scheduled sequence's tokens, concatenated in schedule order). attend writes the new K/V into their slots, then
   - prefill chunks (> 1 token): one SDPA per sequence over its gathered keys with a causal (+ window) mask;
@@ -18,11 +24,10 @@ depend on which pass computed a key. (ember.model.kv_cache's ring buffers - wind
 shorter than n_ctx - attend to the current chunk's keys before rounding, so there the two caches differ by
 storage rounding.)
 
-Sliding window: a query at p sees keys in (p - window, p]. Gemma3 mixes windowed and global layers over ONE
-block table, and the block manager frees a block for all layers at once, so the engine keeps every block for
-every layer (it never calls free_out_of_window for such a model) and windowed layers merely mask. Positions in
-a NULL_BLOCK table entry are never read by a windowed layer (they are outside every window by the manager's
-invariant); packing substitutes block 0 for them so that indexing stays in range.
+Sliding window: a query at p sees keys in (p - window, p], and attend reads only those keys. A windowed
+group's tables hold NULL_BLOCK for blocks wholly before the window (released to that group's pool); those
+positions are never read (they are outside every window by the block manager's invariant), and packing
+substitutes block 0 for them so that indexing stays in range.
 
 Storage dtypes: float16 (default, as llama.cpp), bfloat16, or q8_0 (int8 with one float16 scale per 32 values,
 llama.cpp's Q8_0 block, about half the bytes of float16). Attention math runs in float32.
@@ -35,6 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ember.engine import kv_budget
 from ember.engine.block_manager import NULL_BLOCK
 from ember.kernels import native as native_kernels
 from ember.errors import InvalidParameterError
@@ -299,7 +305,7 @@ class BatchLayout:
 
 
 class PagedKVCache:
-    """Block pools of every layer plus the layout of the batch being run.
+    """Block pools of every layer plus the layouts (one per KV group) of the batch being run.
 
     exact (default True): decode rows are grouped by key span and never padded. CPU SDPA sums in an order that
     depends on the key length, so padding a row to its neighbours' length (even fully masked) changes its
@@ -315,43 +321,70 @@ class PagedKVCache:
         n_head_kv: int,
         head_dim: int,
         value_dim: int,
-        num_blocks: int,
+        num_blocks: int | Sequence[int],
         block_size: int,
         dtype: str = "float16",
         exact: bool = True,
+        layer_groups: Sequence[int] | None = None,
     ):
+        """num_blocks: one count, or one per KV group; layer_groups: each layer's group (default: all 0)."""
         if dtype not in KV_DTYPES:
             raise InvalidParameterError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
-        if num_blocks < 1 or block_size < 1:
+        group_blocks = [num_blocks] if isinstance(num_blocks, int) else list(num_blocks)
+        groups = [0] * n_layer if layer_groups is None else list(layer_groups)
+        if len(groups) != n_layer or any(not 0 <= g < len(group_blocks) for g in groups):
+            raise InvalidParameterError("every layer needs a KV group among the pools given")
+        if min(group_blocks) < 1 or block_size < 1:
             raise InvalidParameterError("num_blocks and block_size must be positive")
-        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.group_blocks = group_blocks
+        self.num_blocks, self.block_size, self.dtype = group_blocks[0], block_size, dtype
+        self.layer_groups = groups
         self.exact = exact
-        self.k = [_Pool(num_blocks, block_size, n_head_kv, head_dim, dtype) for _ in range(n_layer)]
-        self.v = [_Pool(num_blocks, block_size, n_head_kv, value_dim, dtype) for _ in range(n_layer)]
-        self.layout: BatchLayout | None = None
+        self.k = [_Pool(group_blocks[g], block_size, n_head_kv, head_dim, dtype) for g in groups]
+        self.v = [_Pool(group_blocks[g], block_size, n_head_kv, value_dim, dtype) for g in groups]
+        self.layouts: list[BatchLayout | None] = [None] * len(group_blocks)
 
     @staticmethod
     def bytes_per_block(n_layer: int, n_head_kv: int, head_dim: int, value_dim: int, block_size: int,
                         dtype: str = "float16") -> int:
-        """Bytes one block costs across all layers (K and V), to size the pool from a memory budget."""
-        per_value = {"float16": 2.0, "bfloat16": 2.0, "q8_0": 1.0 + 2.0 / Q8_GROUP}[dtype]
-        return int(n_layer * block_size * n_head_kv * (head_dim + value_dim) * per_value)
+        """Bytes one block costs across n_layer layers (K and V), to size a pool from a memory budget."""
+        return kv_budget.bytes_per_block(n_layer, n_head_kv, head_dim, value_dim, block_size, dtype)
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.k + self.v)
 
-    def set_batch(self, layout: BatchLayout) -> None:
-        """Describe the flat batch of the next forward pass (stays until replaced)."""
-        if layout.block_size != self.block_size:
-            raise ValueError("layout built for another block size")
-        self.layout = layout
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_blocks)
 
-    def apply_copies(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Copy-on-write orders from the block manager: whole blocks src -> dst, in order, every layer."""
-        for src, dst in pairs:
-            for pool in self.k + self.v:
-                pool.copy_block(src, dst)
+    @property
+    def layout(self) -> BatchLayout | None:
+        """Group 0's layout of the batch being run."""
+        return self.layouts[0]
+
+    def set_batch(self, layout: BatchLayout) -> None:
+        """Describe the flat batch of the next forward pass of a one-group cache (stays until replaced)."""
+        self.set_batches([layout])
+
+    def set_batches(self, layouts: Sequence[BatchLayout]) -> None:
+        """The next pass's layout in every group: the same flat tokens, each group's block tables."""
+        if len(layouts) != self.num_groups:
+            raise ValueError(f"{len(layouts)} layouts for {self.num_groups} KV groups")
+        if any(lay.block_size != self.block_size for lay in layouts):
+            raise ValueError("layout built for another block size")
+        if len({lay.num_tokens for lay in layouts}) != 1:
+            raise ValueError("the groups' layouts describe different batches")
+        self.layouts = list(layouts)
+
+    def apply_copies(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Copy-on-write orders from the block managers: (group, src, dst), whole blocks src -> dst in every
+        layer of that group, in order."""
+        for group, src, dst in copies:
+            for layer, g in enumerate(self.layer_groups):
+                if g == group:
+                    self.k[layer].copy_block(src, dst)
+                    self.v[layer].copy_block(src, dst)
 
     def attend(
         self,
@@ -366,7 +399,7 @@ class PagedKVCache:
         """Store k/v [T, Hkv, d] of the flat batch and return attention output [T, H, value_dim] (float32).
 
         `positions` is implied by the layout (the runner built both from the same entries) and not reread."""
-        lay = self.layout
+        lay = self.layouts[self.layer_groups[layer]]
         if lay is None or lay.num_tokens != q.shape[0]:
             raise RuntimeError("attend() without a batch layout matching the tokens (call set_batch first)")
         kp, vp = self.k[layer], self.v[layer]

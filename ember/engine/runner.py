@@ -11,6 +11,9 @@ the decode attention path with its own key length, exactly the computation a pla
 does (the K/V of the whole pass are written before any row reads, so row i sees rows < i). That keeps greedy
 speculative output identical to plain decoding, which a causal-masked multi-token chunk would not guarantee
 bit for bit.
+
+With several KV groups (a global and a sliding-window group, see ember.engine.kv_groups) every group gets its
+own layout of the same flat tokens, built from the sequences' tables of that group.
 """
 from __future__ import annotations
 
@@ -41,8 +44,11 @@ class Runner:
         positions: list[int] = []
         rows: list[int] = []
         decode_rows: list[int] = []  # rows that alone would be a small batch: keep them on the int4 kernel
-        entries = []
+        groups = range(self.cache.num_groups)
+        # Per group, per layout entry: (that group's block table, start position, number of tokens).
+        entries: list[list] = [[] for _ in groups]
         for e in batch.scheduled:
+            tables = e.seq.block_tables
             end = e.start + e.num_tokens
             if e.draft or e.num_tokens == 1:
                 decode_rows.extend(range(len(tokens), len(tokens) + e.num_tokens))
@@ -51,15 +57,17 @@ class Runner:
                 tokens.append(e.seq.token_ids[e.start])
                 tokens.extend(e.draft)
                 positions.extend(range(e.start, end))
-                entries.extend((e.seq.block_table, p, 1) for p in range(e.start, end))
+                for g in groups:
+                    entries[g].extend((tables[g], p, 1) for p in range(e.start, end))
                 rows.extend(range(row0, len(tokens)))
                 continue
             tokens.extend(e.seq.token_ids[e.start : end])
             positions.extend(range(e.start, end))
-            entries.append((e.seq.block_table, e.start, e.num_tokens))
+            for g in groups:
+                entries[g].append((tables[g], e.start, e.num_tokens))
             if e.samples:
                 rows.append(len(tokens) - 1)
-        self.cache.set_batch(BatchLayout.build(self.cache.block_size, entries, self.cache.exact))
+        self.cache.set_batches([BatchLayout.build(self.cache.block_size, entries[g], self.cache.exact) for g in groups])
         with int4_kernel_rows(torch.tensor(decode_rows, dtype=torch.long) if decode_rows else None):
             return self.model.forward(
                 torch.tensor(tokens, dtype=torch.long),

@@ -9,7 +9,12 @@ max_num_seqs sequences holding KV blocks. The order of service is
      never skipped for a smaller request behind it, so no request starves.
 Within 1 and 2, sequences are served oldest arrival first.
 
-When the KV pool runs dry, the most recently arrived running sequence that this step has not yet scheduled is
+KV memory is one or two groups of blocks (ember.engine.kv_groups): one pool for a model whose layers all
+attend alike, a global and a windowed pool for one that mixes sliding-window layers in. A sequence is given
+a chunk only if every group can hold it, and its windowed blocks that fell out of the window go back after
+every update.
+
+When a KV pool runs dry, the most recently arrived running sequence that this step has not yet scheduled is
 preempted by recompute: its blocks are freed and it goes back to the FRONT of the waiting queue with its
 generated tokens kept, so that on readmission prompt + generated is prefilled again (often mostly from the
 prefix cache, since its full blocks were published) and generation continues where it stopped.
@@ -25,7 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Optional, Sequence as SequenceT
 
-from ember.engine.block_manager import NO_MATCH, BlockManager, CopyPair, PrefixMatch
+from ember.engine.block_manager import BlockManager
+from ember.engine.kv_groups import NO_MATCH, GroupCopy, GroupMatch, KVGroup, KVGroups
 from ember.engine.sequence import FinishReason, Sequence, SequenceStatus
 from ember.errors import ContextOverflowError, InvalidParameterError
 
@@ -39,23 +45,37 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_model_len: Optional[int] = None  # prompt + max_tokens limit per request; None: only the pool bounds it
-    sliding_window: Optional[int] = None  # free blocks outside this window (all layers must be windowed)
+    # The KV groups: sliding_window None: one pool of num_blocks for all layers. sliding_window alone: all layers
+    # are windowed, one pool whose blocks are freed as the window moves. sliding_window and window_num_blocks:
+    # a global group of num_blocks and a windowed group of window_num_blocks (a model mixing both kinds).
+    sliding_window: Optional[int] = None
+    window_num_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "sliding_window"):
+        for name in ("max_model_len", "sliding_window", "window_num_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InvalidParameterError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.window_num_blocks is not None and self.sliding_window is None:
+            raise InvalidParameterError("window_num_blocks needs sliding_window")
         # Every running sequence may need a decode token in the same step; a budget below the sequence cap
         # would leave some streams stalled behind others.
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise InvalidParameterError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
             )
+
+    def kv_groups(self) -> list[KVGroup]:
+        """The KV groups these fields describe (see sliding_window above), global group first."""
+        if self.sliding_window is None:
+            return [KVGroup(self.num_blocks)]
+        if self.window_num_blocks is None:
+            return [KVGroup(self.num_blocks, self.sliding_window)]
+        return [KVGroup(self.num_blocks), KVGroup(self.window_num_blocks, self.sliding_window)]
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,7 @@ class ScheduledSeq:
 @dataclass
 class ScheduledBatch:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
-    copies: list[CopyPair] = field(default_factory=list)  # copy-on-write, to apply in order before the pass
+    copies: list[GroupCopy] = field(default_factory=list)  # copy-on-write, to apply in order before the pass
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -101,7 +121,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVGroups(config.kv_groups(), config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         # Kept sorted by _rank (arrival order): the front has priority, the back is preempted first.
         self.running: list[Sequence] = []
@@ -110,6 +130,11 @@ class Scheduler:
         self._counter = 0
         self._in_flight: Optional[ScheduledBatch] = None
 
+    @property
+    def block_manager(self) -> BlockManager:
+        """Group 0's block manager (the only one unless the model mixes windowed and global layers)."""
+        return self.kv.managers[0]
+
     # --- requests ----------------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
@@ -117,7 +142,7 @@ class Scheduler:
         cfg = self.config
         if seq.seq_id in self._seqs:
             raise InvalidParameterError(f"sequence id {seq.seq_id} is already scheduled")
-        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_output_tokens:
+        if seq.status is not SequenceStatus.WAITING or any(seq.block_tables) or seq.num_output_tokens:
             raise InvalidParameterError(f"sequence {seq.seq_id} is not a fresh request")
         total = seq.num_prompt_tokens + seq.max_tokens
         if cfg.max_model_len is not None and total > cfg.max_model_len:
@@ -125,12 +150,7 @@ class Scheduler:
                 f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) exceeds the context "
                 f"length {cfg.max_model_len}"
             )
-        # The last sampled token never has its KV computed, so a sequence holds at most total - 1 positions.
-        if -(-(total - 1) // cfg.block_size) > cfg.num_blocks:
-            raise ContextOverflowError(
-                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) exceeds the KV cache "
-                f"({cfg.num_blocks * cfg.block_size} tokens)"
-            )
+        self.check_fits(seq.num_prompt_tokens, seq.max_tokens)
         # Without chunking a (re)prefill must fit one step, and a recompute prefills prompt + generated.
         if not cfg.enable_chunked_prefill and total - 1 > cfg.max_num_batched_tokens:
             raise ContextOverflowError(
@@ -142,6 +162,17 @@ class Scheduler:
         self._rank[seq.seq_id] = (seq.arrival_time, self._counter)
         self._counter += 1
         self.waiting.append(seq)
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ContextOverflowError unless a request of this size could run alone in the empty KV pools."""
+        # The last sampled token never has its KV computed, so a sequence holds at most total - 1 positions.
+        need = self.kv.min_blocks(num_prompt_tokens + max_tokens - 1)
+        for group, n in zip(self.kv.groups, need):
+            if n > group.num_blocks:
+                what = (f"the KV cache ({group.num_blocks * self.config.block_size} tokens)" if group.window is None
+                        else f"the sliding-window KV pool ({group.num_blocks} blocks, {n} needed)")
+                raise ContextOverflowError(
+                    f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds {what}")
 
     def get(self, seq_id: int) -> Optional[Sequence]:
         return self._seqs.get(seq_id)
@@ -178,7 +209,7 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             raise InvalidParameterError("fork would exceed max_num_seqs")
         child = parent.fork(child_id)
-        self.block_manager.fork(parent, child)
+        self.kv.fork(parent, child)
         self._seqs[child_id] = child
         self._rank[child_id] = (parent.arrival_time, self._counter)
         self._counter += 1
@@ -192,13 +223,13 @@ class Scheduler:
         if self._in_flight is not None:
             raise RuntimeError("step() called again before update() of the previous batch")
         cfg = self.config
-        bm = self.block_manager
+        bm = self.kv
         batch = ScheduledBatch()
         budget = cfg.max_num_batched_tokens
         scheduled: set[int] = set()
         now = self.clock()
 
-        def schedule(seq: Sequence, n: int, match: Optional[PrefixMatch] = None, draft: tuple[int, ...] = ()) -> None:
+        def schedule(seq: Sequence, n: int, match: Optional[GroupMatch] = None, draft: tuple[int, ...] = ()) -> None:
             nonlocal budget
             start = match.num_computed_tokens if match is not None else seq.num_computed_tokens
             batch.copies.extend(bm.allocate(seq, n + len(draft), match))
@@ -306,8 +337,7 @@ class Scheduler:
         if len(sampled_token_ids) != len(sampling):
             raise ValueError(f"expected {len(sampling)} sampled tokens, got {len(sampled_token_ids)}")
         self._in_flight = None
-        bm = self.block_manager
-        window = self.config.sliding_window
+        bm = self.kv
         now = self.clock()
         tokens = iter(sampled_token_ids)
         finished: list[Sequence] = []
@@ -345,8 +375,7 @@ class Scheduler:
                     self._finish(seq, reason)
                     finished.append(seq)
                     continue
-            if window is not None:
-                bm.free_out_of_window(seq, window)
+            bm.release_out_of_window(seq)
         return finished
 
     # --- internals ---------------------------------------------------------------------------------------
@@ -357,13 +386,13 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.block_manager.free(seq)  # also resets num_computed_tokens: all KV must be recomputed
+        self.kv.free(seq)  # also resets num_computed_tokens: all KV must be recomputed
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        self.block_manager.free(seq)
+        self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finished_time = self.clock()

@@ -2,10 +2,15 @@
 
 A Sequence is the unit of scheduling: a prompt, the tokens generated so far, how much of that text already has
 its KV computed, and the physical KV blocks holding it. It is pure bookkeeping (no tensors): the runner reads
-`token_ids`, `num_computed_tokens` and `block_table` to build its inputs, the scheduler moves it between states.
+`token_ids`, `num_computed_tokens` and `block_tables` to build its inputs, the scheduler moves it between states.
+
+A model's layers form one or two KV groups (ember.engine.kv_groups): all layers, or full-attention layers and
+sliding-window layers, each group with its own block pool. `block_tables[g]` is the sequence's table in group
+g; `block_table` is group 0's (the only one for most models).
 
 Token invariant: every token at a position < num_computed_tokens has its K/V in the cache, at slot
-`block_table[pos // block_size]`, offset `pos % block_size`. The last token of a running sequence (the one just
+`block_tables[g][pos // block_size]`, offset `pos % block_size`, in every group g - except, in a windowed
+group, positions outside the next query's window, whose entries may be NULL_BLOCK. The last token of a running sequence (the one just
 sampled, or the last prompt token) is never computed while it waits to be fed, so after a step that samples,
 num_computed_tokens == num_tokens - 1.
 """
@@ -71,9 +76,10 @@ class Sequence:
         # Tokens credited from the prefix cache at the latest admission (a subset of num_computed_tokens).
         self.num_cached_tokens = 0
         self.num_preemptions = 0
-        # Physical block ids, one per block_size tokens. A window-released entry holds NULL_BLOCK (see
-        # block_manager) so that index i always means positions [i*block_size, (i+1)*block_size).
-        self.block_table: list[int] = []
+        # Physical block ids per KV group, one per block_size tokens. A window-released entry holds NULL_BLOCK
+        # (see block_manager) so that index i always means positions [i*block_size, (i+1)*block_size). Block
+        # managers add the tables of further groups on first use and mutate tables in place.
+        self.block_tables: list[list[int]] = [[]]
         # Chain hashes of this sequence's FULL blocks of token ids, filled lazily by the block manager.
         # Derived only from token ids, so still valid after preemption.
         self.block_hashes: list[bytes] = []
@@ -88,6 +94,15 @@ class Sequence:
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None
         self.finished_time: Optional[float] = None
+
+    @property
+    def block_table(self) -> list[int]:
+        """Group 0's block table."""
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, table: list[int]) -> None:
+        self.block_tables[0] = table
 
     # --- token views -------------------------------------------------------------------------------------
 
