@@ -34,6 +34,7 @@ llama.cpp's Q8_0 block, about half the bytes of float16). Attention math runs in
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from ember.engine import kv_budget
 from ember.engine.block_manager import NULL_BLOCK
 from ember.kernels import native as native_kernels
+from ember.kernels.native import ROW_CHUNK
 from ember.errors import InvalidParameterError
 
 KV_DTYPES = ("float16", "bfloat16", "q8_0")
@@ -185,6 +187,7 @@ class BatchLayout:
     decode_tables: torch.Tensor  # [B, max_blocks] long, NULL entries and padding replaced by 0
     exact: bool = True  # decode groups without padding (see PagedKVCache)
     _decode_views: dict[int, list[DecodeGroup]] = field(default_factory=dict)
+    _rows: "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None" = None  # see row_attention
 
     @classmethod
     def build(
@@ -287,6 +290,24 @@ class BatchLayout:
             self._decode_views[window] = groups
         return groups
 
+    def row_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat rows, block tables [R, width], key lengths [R]) of the rows the native kernel attends: every
+        decode row, then every row of a chunk shorter than ROW_CHUNK (row at position p: keys [.., p]).
+        Built once per step."""
+        if self._rows is None:
+            short = [p for p in self.prefills if p.row1 - p.row0 < ROW_CHUNK]
+            rows = [self.decode_rows] + [torch.arange(p.row0, p.row1) for p in short]
+            lens = [self.decode_lens] + [torch.arange(p.start + 1, p.end + 1) for p in short]
+            width = max([self.decode_tables.shape[1]] + [p.table.shape[0] for p in short])
+            tables = torch.zeros(sum(r.numel() for r in rows), width, dtype=torch.long)
+            tables[: self.decode_tables.shape[0], : self.decode_tables.shape[1]] = self.decode_tables
+            at = self.decode_tables.shape[0]
+            for p in short:
+                tables[at : at + p.row1 - p.row0, : p.table.shape[0]] = p.table
+                at += p.row1 - p.row0
+            self._rows = (torch.cat(rows), tables, torch.cat(lens))
+        return self._rows
+
     def prefill_view(self, p: _Prefill, window: int) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, ...] | None]:
         """(slots [L], mask [n, L]) of one chunk: keys at positions [lo, end) where lo skips what no query of
         the chunk can see on a windowed layer."""
@@ -343,6 +364,13 @@ class PagedKVCache:
         self.k = [_Pool(group_blocks[g], block_size, n_head_kv, head_dim, dtype) for g in groups]
         self.v = [_Pool(group_blocks[g], block_size, n_head_kv, value_dim, dtype) for g in groups]
         self.layouts: list[BatchLayout | None] = [None] * len(group_blocks)
+
+    @functools.cached_property
+    def row_invariant(self) -> bool:
+        """Whether decode rows are attended by the native kernel, whose result for a row depends on nothing but
+        that row's query and keys (then a chunk split into decode rows computes what its tokens would compute
+        in any other split)."""
+        return all(_native_attention(kp, vp) is not None for kp, vp in zip(self.k, self.v))
 
     @staticmethod
     def bytes_per_block(n_layer: int, n_head_kv: int, head_dim: int, value_dim: int, block_size: int,
@@ -448,9 +476,10 @@ class PagedKVCache:
 
     @staticmethod
     def _attend_prefills(out: torch.Tensor, q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scale: float,
-                         window: int) -> None:
-        """Multi-token entries: one causal (+ window) masked SDPA per chunk over its keys read back from the pool."""
-        for p in lay.prefills:
+                         window: int, chunks: "Sequence[_Prefill] | None" = None) -> None:
+        """Multi-token entries (all, or `chunks`): one causal (+ window) masked SDPA per chunk over its keys read
+        back from the pool."""
+        for p in lay.prefills if chunks is None else chunks:
             slots, mask, span = lay.prefill_view(p, window)
             index = span if span is not None else slots
             keys, values = kp.read_heads(index)[None], vp.read_heads(index)[None]  # [1, Hkv, L, d]
@@ -479,8 +508,11 @@ def _attend_native(q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scal
         return ext.paged_attention(q.float().contiguous(), kp.flat, vp.flat, lay.decode_tables, lay.decode_lens,
                                    lay.block_size, window, scale)
     out = q.new_empty(q.shape[0], q.shape[1], vp.flat.shape[-1], dtype=torch.float32)
-    if lay.decode_rows.numel():
-        out[lay.decode_rows] = ext.paged_attention(q[lay.decode_rows].float().contiguous(), kp.flat, vp.flat,
-                                                   lay.decode_tables, lay.decode_lens, lay.block_size, window, scale)
-    PagedKVCache._attend_prefills(out, q, kp, vp, lay, scale, window)
+    rows, tables, lens = lay.row_attention()
+    if rows.numel():
+        out[rows] = ext.paged_attention(q[rows].float().contiguous(), kp.flat, vp.flat, tables, lens,
+                                        lay.block_size, window, scale)
+    long = [p for p in lay.prefills if p.row1 - p.row0 >= ROW_CHUNK]
+    if long:
+        PagedKVCache._attend_prefills(out, q, kp, vp, lay, scale, window, long)
     return out

@@ -21,6 +21,7 @@ import torch
 
 from ember.engine.paged_cache import BatchLayout, PagedKVCache
 from ember.engine.scheduler import ScheduledBatch
+from ember.kernels.native import ROW_CHUNK
 from ember.kernels.linear import int4_kernel_rows
 from ember.model.transformer import Transformer
 
@@ -50,7 +51,12 @@ class Runner:
         for e in batch.scheduled:
             tables = e.seq.block_tables
             end = e.start + e.num_tokens
-            if e.draft or e.num_tokens == 1:
+            # A short chunk's rows take the small-batch matmul kernel, as decode rows do, when the cache also
+            # attends short chunks row by row (PagedKVCache.row_invariant): a prompt then gets the same KV
+            # whether it is computed whole, after a prefix-cache hit or in other chunks, as long as its chunks
+            # stay short; long chunks keep the fast bfloat16 GEMM + SDPA path.
+            as_rows = e.num_tokens < ROW_CHUNK and self.cache.row_invariant
+            if e.draft or e.num_tokens == 1 or as_rows:
                 decode_rows.extend(range(len(tokens), len(tokens) + e.num_tokens))
             if e.draft:
                 row0 = len(tokens)

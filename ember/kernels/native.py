@@ -16,6 +16,10 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "module.cpp", CSRC / "qdot.cpp", CSRC / "paged_attention.cpp")
+# Chunks shorter than this are attended row by row through the decode kernel (and their matrix products use
+# the small-batch kernels): the KV of a short prompt then does not depend on how it was split or cached. Equal
+# to ember.kernels.int4_dense.MIN_ROWS, below which products take the small-batch kernels anyway.
+ROW_CHUNK = 64
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ember.errors import ContextOverflowError
 from ember.kernels import native
+from ember.kernels.native import ROW_CHUNK
 
 
 class KVCache:
@@ -45,7 +46,6 @@ class KVCache:
         usable = ext is not None and dtype in (torch.float16, torch.bfloat16) and ext.paged_attention_supports(
             head_dim, value_dim)
         self._native = ext if usable else None
-        self._table = torch.zeros(1, 1, dtype=torch.long)  # the whole buffer is block 0
 
     @property
     def nbytes(self) -> int:
@@ -94,12 +94,14 @@ class KVCache:
             vc[:, keep % slots] = v[-keep.shape[0] :].transpose(0, 1).to(self.dtype)
         self.length = max(self.length, end)
 
-        if t == 1 and not ring and self._native is not None:
-            # the engine's decode kernel over this buffer as one block: bit-identical to the paged cache's
-            # decode of the same keys (its result depends on the key values only, not on where they live)
+        if t < ROW_CHUNK and not ring and self._native is not None:
+            # Decode steps and short chunks: the engine's decode kernel, one row per token, over this buffer as
+            # one block - bit-identical to the paged cache's rows for the same keys (a row's result depends on
+            # its query and key values only, not on where they live or what else is in the call).
             return self._native.paged_attention(
-                q.float().contiguous(), kc.transpose(0, 1), vc.transpose(0, 1), self._table, torch.tensor([end]),
-                self.n_ctx, window, scale)
+                q.float().contiguous(), kc.transpose(0, 1), vc.transpose(0, 1),
+                torch.zeros(t, 1, dtype=torch.long),  # every row's table: the whole buffer is block 0
+                torch.arange(start + 1, end + 1), self.n_ctx, window, scale)
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, d]
         mask = key_pos[None, :] <= positions[:, None]
         if window:
