@@ -77,12 +77,23 @@ fi
 # 2. Configure: native CPU flags (we compare on this machine only), static
 #    so the binaries are self-contained in $BIN, no curl/server/tests to keep
 #    the build to the targets we need.
+#    A CPU that advertises AMX gets the AVX-512 family without AMX instead:
+#    under virtual machines that advertise AMX without enabling its register
+#    state (seen on these machines), ggml's AMX matmul crashes on the first
+#    graph (SIGSEGV in ggml_backend_amx_mul_mat); EMBER_LLAMACPP_NATIVE=1
+#    forces -march=native anyway.
 BUILD="$CACHE/build-$VERSION"
+ARCH=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null && [[ "${EMBER_LLAMACPP_NATIVE:-0}" != 1 ]]; then
+    BUILD="$CACHE/build-$VERSION-noamx"
+    ARCH=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+          -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON)
+fi
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
 nice -n 10 cmake -S "$SRC/llama.cpp" -B "$BUILD" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    "${ARCH[@]}" \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \

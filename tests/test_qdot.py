@@ -19,7 +19,8 @@ from tiny_models import reference_logits, write_tiny_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels need AVX-512 VNNI and a compiler")
 
-TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K]
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q2_K, T.Q3_K, T.Q6_K]
+K_QUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
 _name = lambda t: t.name  # noqa: E731  (test ids)
 
 
@@ -45,14 +46,15 @@ def _reference_qdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", TYPES, ids=_name)
 @pytest.mark.parametrize("n,k", [(64, 576), (48, 96), (16, 32), (32, 256)])
 def test_packing_is_exact(qtype, n, k):
-    if qtype in (T.Q4_K, T.Q5_K) and k % 256:
+    if qtype in K_QUANTS and k % 256:
         pytest.skip("K-quants need rows of 256")
     raw, want = _weight(qtype, n, k)
     lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
     # the kernel's dequantization goes through bfloat16; compare in float32 through the same rounding
     assert torch.equal(lin.dequantize(), want.bfloat16().float())
     p = qdot.parts_from_gguf(raw, qtype, (k, n))
-    exact = (p.u.float().view(n, k // 32, 32) * p.s[..., None] + p.z[..., None]).view(n, k)
+    g = p.group
+    exact = (p.u.float().view(n, k // g, g) * p.s[..., None] + p.z[..., None]).view(n, k)
     assert torch.allclose(exact, want, rtol=0, atol=1e-6 * float(want.abs().max()))
 
 
@@ -70,9 +72,9 @@ def test_matmul_is_the_int8_activation_product(qtype):
     assert float((y.double() - exact).abs().max()) < 0.02 * float(exact.abs().max())
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K], ids=_name)
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K], ids=_name)
 def test_rows_do_not_depend_on_their_batch(qtype):
-    n, k = 80, 768 if qtype == T.Q5_K else 320
+    n, k = 80, 768 if qtype in K_QUANTS else 320
     raw, _ = _weight(qtype, n, k, seed=2)
     lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
     x = torch.randn(23, k, generator=torch.Generator().manual_seed(8))
@@ -82,15 +84,19 @@ def test_rows_do_not_depend_on_their_batch(qtype):
     assert torch.equal(lin(x.flip(0)).flip(0), alone)
 
 
-def test_fused_parts_keep_the_wider_form():
-    raw4, w4 = _weight(T.Q4_0, 32, 64, seed=3)
-    raw8, w8 = _weight(T.Q8_0, 48, 64, seed=4)
-    fused = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw4, T.Q4_0, (64, 32)),
-                                        qdot.parts_from_gguf(raw8, T.Q8_0, (64, 48))])
+@pytest.mark.parametrize("other", [T.Q8_0, T.Q6_K], ids=_name)
+def test_fused_parts_keep_the_wider_form(other):
+    k = 256
+    raw4, w4 = _weight(T.Q4_0, 32, k, seed=3)
+    raw8, w8 = _weight(other, 48, k, seed=4)
+    fused = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw4, T.Q4_0, (k, 32)),
+                                        qdot.parts_from_gguf(raw8, other, (k, 48))])
     assert fused.bits == 8 and fused.out_features == 80
-    x = torch.randn(3, 64)
+    assert fused.scales.shape[1] == (2 if other == T.Q6_K else 1) * k // 32  # 16-wide groups: two per 32
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9))
     ref = _reference_qdot(x, torch.cat([w4, w8]))
     assert torch.allclose(fused(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert torch.equal(fused.dequantize(), torch.cat([w4, w8]).bfloat16().float())
 
 
 def test_parameters_stay_float32_when_float16_would_round():

@@ -6,10 +6,9 @@ quantizes the activations to int8 per group of 32 (as llama.cpp does for its CPU
 with `vpdpbusd`, reading each weight once per call for every row of the batch. Each output depends only on
 its own input row and weight row (see the C++ file's invariant), so decode results are batch-invariant.
 
-Storage: w = s * u + z per group of 32, u an unsigned code. 4-bit types (Q4_0, Q4_1, Q4_K) keep nibbles;
-5- to 8-bit types (Q5_0, Q5_1, Q5_K, Q8_0) one byte per weight; s and z as float16 when every value is exactly
-a float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Types with 16-wide groups (Q2_K, Q3_K, Q6_K) and
-float tensors stay on the dense bfloat16 path.
+Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned code. 4-bit types (Q4_0,
+Q4_1, Q4_K) keep nibbles; the others one byte per weight; s and z as float16 when every value is exactly a
+float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Float tensors stay on the dense bfloat16 path.
 
 Batches of >= int4_dense.MIN_ROWS non-decode rows (prompt processing) dequantize slabs of rows to bfloat16 and
 use torch's GEMM, as the int4 path does: a bfloat16 GEMM is several times faster than this kernel there.
@@ -25,15 +24,14 @@ from gguf import GGMLQuantizationType as T
 
 from ember.kernels import int4_dense, native
 from ember.kernels.linear import Linear, decode_rows
-from ember.quant.dequant import CODECS
-from ember.quant.formats import format_of
 from ember.quant.repack import _codes_and_params
 
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
 BYTE_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K, T.Q8_0})
 NIBBLE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
-QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES
+HALF_GROUP_TYPES = frozenset({T.Q2_K, T.Q3_K, T.Q6_K})  # 16-wide groups, stored as bytes
+QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES | HALF_GROUP_TYPES
 SLAB_WEIGHTS = 1 << 21  # weights dequantized at once for prompt processing (4 MiB of bfloat16)
 
 
@@ -51,18 +49,27 @@ def supports(qtype: int, shape: tuple[int, ...]) -> bool:
 
 
 class QDotParts:
-    """One weight's codes and group parameters before packing: u uint8 [N, K], s, z float32 [N, K / 32]."""
+    """One weight's codes and group parameters before packing: u uint8 [N, K], s, z float32 [N, K / group]
+    (group 32, or 16 for Q2_K / Q3_K / Q6_K)."""
 
     def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
         self.u, self.s, self.z, self.bits = u, s, z, bits
+
+    @property
+    def group(self) -> int:
+        return self.u.shape[1] // self.s.shape[1]
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, z) per 16-wide half group (a 32-wide group's parameters repeated: exact)."""
+        if self.group == 16:
+            return self.s, self.z
+        return self.s.repeat_interleave(2, 1), self.z.repeat_interleave(2, 1)
 
 
 def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int, ...]) -> QDotParts:
     """Exact (u, s, z) of a GGUF weight: ggml's w = (q - offset) * scale + bias becomes s * u + z with
     z = bias - offset * scale (Q8_0's signed bytes made unsigned: u = q + 128)."""
     qt = T(qtype)
-    fmt = format_of(qt)
-    assert fmt.block_size // CODECS[qt].groups == GROUP, "qdot handles 32-wide groups only"
     q, scale, bias, offset, _ = _codes_and_params(raw, qt, tuple(shape))
     if qt == T.Q8_0:
         q = q.bitwise_xor(0x80)
@@ -83,7 +90,7 @@ def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _blocked_params(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Group parameters [N, G] -> [N / 16, G, 16]."""
+    """Group parameters [N, G] -> [N / 16, G, 16] (G: one per 32 elements, or two per 32 for 16-wide groups)."""
     n, g = x.shape
     return x.view(n // COLS, COLS, g).transpose(1, 2).to(dtype).contiguous()
 
@@ -95,7 +102,8 @@ class QDotLinear(Linear):
                  bias: torch.Tensor | None = None):
         if codes.dim() != 3 or codes.shape[2] != (256 if bits == 4 else 512) or scales.shape != mins.shape:
             raise ValueError("qdot tensors do not match their sizes")
-        if codes.shape[1] * GROUP != in_features or scales.shape != (codes.shape[0], codes.shape[1], COLS):
+        if codes.shape[1] * GROUP != in_features or scales.shape[0::2] != (codes.shape[0], COLS) or \
+                scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1] if bits == 8 else -1):
             raise ValueError("qdot codes do not match in_features")
         self.codes, self.scales, self.mins, self.bits = codes, scales, mins, bits
         self.in_features, self.out_features = in_features, codes.shape[0] * COLS
@@ -105,10 +113,11 @@ class QDotLinear(Linear):
     def from_parts(cls, parts: list[QDotParts], bias: torch.Tensor | None = None) -> "QDotLinear":
         """Fuse parts along N (q/k/v, gate/up). Nibbles only if every part is 4-bit; float16 parameters only
         if every value converts exactly."""
-        bits = 4 if all(p.bits == 4 for p in parts) else 8
+        half = any(p.group == 16 for p in parts)
+        bits = 4 if all(p.bits == 4 for p in parts) and not half else 8
         u = torch.cat([p.u for p in parts])
-        s = torch.cat([p.s for p in parts])
-        z = torch.cat([p.z for p in parts])
+        s = torch.cat([p.halves()[0] if half else p.s for p in parts])
+        z = torch.cat([p.halves()[1] if half else p.z for p in parts])
         exact16 = all(torch.equal(t.half().float(), t) for t in (s, z))
         dtype = torch.float16 if exact16 else torch.float32
         return cls(_blocked_codes(u, bits), _blocked_params(s, dtype), _blocked_params(z, dtype), bits, u.shape[1],

@@ -61,8 +61,9 @@ def _require(qtype: T, allowed: frozenset[T], what: str) -> T:
 
 def _codes_and_params(raw: np.ndarray | torch.Tensor, qt: T, shape: tuple[int, ...]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Unsigned codes [rows, cols] (uint8; Q8_0: its int8 bytes), and group scale / bias [rows, cols // 32]
-    with w = (q - offset) * scale + bias. Returns (q, scale, bias, rows, cols)."""
+    """Unsigned codes [rows, cols] (uint8; Q8_0: its int8 bytes), and group scale / bias [rows, cols // group]
+    (group 32, or 16 for the K-quants with 16-wide sub-blocks) with w = (q - offset) * scale + bias.
+    Returns (q, scale, bias, offset, cols)."""
     fmt = format_of(qt)
     rows, cols = check_shape(fmt, shape)
     blocks = blocks_of(raw, fmt, rows * cols)
@@ -81,7 +82,8 @@ def _codes_and_params(raw: np.ndarray | torch.Tensor, qt: T, shape: tuple[int, .
         scale[s:s + step] = sc
         if bi is not None:
             bias[s:s + step] = bi
-    return q.view(rows, cols), scale.view(rows, cols // GROUP), bias.view(rows, cols // GROUP), \
+    group = fmt.block_size // codec.groups  # 32, or 16 for Q2_K / Q3_K / Q6_K
+    return q.view(rows, cols), scale.view(rows, cols // group), bias.view(rows, cols // group), \
         codec.offset, cols
 
 

@@ -1,8 +1,9 @@
 // Integer dot-product matmul over quantized weights (AVX-512 VNNI), Ember's decode kernel.
 //
-// Weights: every GGUF type whose values are w = s * u + z per group of 32 (u an unsigned code of 4..8 bits,
-// s and z per group) - Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K - are stored as such codes, nibble-packed (4 bits)
-// or one byte each (5..8 bits), with s and z as float16 when that is exact, else float32. The conversion
+// Weights: every GGUF type whose values are w = s * u + z per group of 32 or 16 (u an unsigned code of 2..8
+// bits, s and z per group) - Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K; Q2_K, Q3_K, Q6_K with 16-wide groups - are
+// stored as such codes, nibble-packed (4-bit types) or one byte each, with s and z as float16 when that is
+// exact, else float32. The conversion
 // from the GGUF blocks happens in Python (ember/kernels/qdot.py); this file only multiplies.
 //
 // Activations are quantized per group of 32 to int8 (d = amax / 127, as llama.cpp's Q8_0 activations), so a
@@ -14,7 +15,8 @@
 // 4j + e). One vpdpbusd with the row's 4 activation bytes of chunk j broadcast then adds those 4 products
 // into each column's int32 lane, and 8 of them give all 16 columns' exact group sums with no horizontal
 // reduction. Nibble codes store chunk j in the low and chunk j + 4 in the high nibbles of 4 chunks (256
-// bytes). Scales and mins: 16 per column block and group.
+// bytes). Scales and mins: 16 per column block and group, or 2 x 16 (elements 0-15, then 16-31) for 16-wide
+// groups.
 //
 // Invariant (batch invariance): the value computed for output (m, n) depends only on row m of x and column n
 // of the weight. Rows are processed in tiles that share the weight loads, but every row goes through the same
@@ -45,10 +47,11 @@ inline __m512 load16<at::Half>(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// Quantized activations: qx [M, K] int8, dx [M, G] scales, sx [M, G] = dx * sum(q) over the group.
+// Quantized activations: qx [M, K] int8, dx [M, G] scales, sx [M, G] = dx * sum(q) over the group and
+// sxh [M, 2G] the same over each half (elements 0-15 and 16-31, for 16-wide weight groups).
 struct Activations {
   std::vector<int8_t> qx;
-  std::vector<float> dx, sx;
+  std::vector<float> dx, sx, sxh;
 };
 
 Activations quantize(const float* x, int64_t M, int64_t K) {
@@ -57,6 +60,7 @@ Activations quantize(const float* x, int64_t M, int64_t K) {
   a.qx.resize(M * K);
   a.dx.resize(M * G);
   a.sx.resize(M * G);
+  a.sxh.resize(M * 2 * G);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + m * K + g * GROUP;
@@ -67,12 +71,14 @@ Activations quantize(const float* x, int64_t M, int64_t K) {
       __m512 vid = _mm512_set1_ps(id);
       __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));  // round to nearest even
       __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
-      int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      const int32_t sum0 = _mm512_reduce_add_epi32(q0), sum1 = _mm512_reduce_add_epi32(q1);
       int8_t* dst = a.qx.data() + m * K + g * GROUP;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
       a.dx[m * G + g] = d;
-      a.sx[m * G + g] = d * static_cast<float>(sum);
+      a.sx[m * G + g] = d * static_cast<float>(sum0 + sum1);
+      a.sxh[(m * G + g) * 2] = d * static_cast<float>(sum0);
+      a.sxh[(m * G + g) * 2 + 1] = d * static_cast<float>(sum1);
     }
   }
   return a;
@@ -97,14 +103,16 @@ inline void load_group(const uint8_t* p, __m512i w[8]) {
 inline __m512i bcast4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
 
 // Columns [16 cb, 16 cb + 16) of rows [m0, m0 + R). Every row runs the same instruction sequence.
-template <int BITS, typename S, int R>
+// HALF: weight groups are 16 wide (two scales and mins per 32 elements: Q2_K, Q3_K, Q6_K) instead of 32.
+template <int BITS, typename S, int R, bool HALF>
 inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
                  const S* mins, int64_t cb, float* y, int64_t N) {
   constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : 512;
+  constexpr int64_t PARAMS = HALF ? 2 * COLS : COLS;  // scales (and mins) per column block and 32 elements
   const int64_t G = K / GROUP;
   const uint8_t* wc = codes + cb * G * GROUP_BYTES;
-  const S* ws = scales + cb * G * COLS;
-  const S* wz = mins + cb * G * COLS;
+  const S* ws = scales + cb * G * PARAMS;
+  const S* wz = mins + cb * G * PARAMS;
   __m512 acc[R], zacc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -114,31 +122,43 @@ inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* cod
   for (int64_t g = 0; g < G; ++g) {
     __m512i w[8];
     load_group<BITS>(wc + g * GROUP_BYTES, w);
-    const __m512 sv = load16<S>(ws + g * COLS);
-    const __m512 zv = load16<S>(wz + g * COLS);
+    const __m512 s0 = load16<S>(ws + g * PARAMS), z0 = load16<S>(wz + g * PARAMS);
+    __m512 s1 = s0, z1 = z0;
+    if constexpr (HALF) {
+      s1 = load16<S>(ws + g * PARAMS + COLS);
+      z1 = load16<S>(wz + g * PARAMS + COLS);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int8_t* q = a.qx.data() + (m0 + r) * K + g * GROUP;
-      // two independent chains (even / odd chunks), joined by an exact integer add
+      // elements 0-15 (chunks 0-3) and 16-31 (chunks 4-7) as two independent chains
       __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], bcast4(q));
-      __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], bcast4(q + 4));
-      d0 = _mm512_dpbusd_epi32(d0, w[2], bcast4(q + 8));
-      d1 = _mm512_dpbusd_epi32(d1, w[3], bcast4(q + 12));
-      d0 = _mm512_dpbusd_epi32(d0, w[4], bcast4(q + 16));
+      __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], bcast4(q + 16));
+      d0 = _mm512_dpbusd_epi32(d0, w[1], bcast4(q + 4));
       d1 = _mm512_dpbusd_epi32(d1, w[5], bcast4(q + 20));
-      d0 = _mm512_dpbusd_epi32(d0, w[6], bcast4(q + 24));
+      d0 = _mm512_dpbusd_epi32(d0, w[2], bcast4(q + 8));
+      d1 = _mm512_dpbusd_epi32(d1, w[6], bcast4(q + 24));
+      d0 = _mm512_dpbusd_epi32(d0, w[3], bcast4(q + 12));
       d1 = _mm512_dpbusd_epi32(d1, w[7], bcast4(q + 28));
-      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), sv);
       const int64_t ag = (m0 + r) * G + g;
+      __m512 f;
+      if constexpr (HALF) {
+        const float* sxh = a.sxh.data() + 2 * ag;
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, _mm512_mul_ps(_mm512_cvtepi32_ps(d0), s0));
+        zacc[r] = _mm512_fmadd_ps(z0, _mm512_set1_ps(sxh[0]), zacc[r]);
+        zacc[r] = _mm512_fmadd_ps(z1, _mm512_set1_ps(sxh[1]), zacc[r]);
+      } else {
+        f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), s0);  // exact integer sum first
+        zacc[r] = _mm512_fmadd_ps(z0, _mm512_set1_ps(a.sx[ag]), zacc[r]);
+      }
       acc[r] = _mm512_fmadd_ps(f, _mm512_set1_ps(a.dx[ag]), acc[r]);
-      zacc[r] = _mm512_fmadd_ps(zv, _mm512_set1_ps(a.sx[ag]), zacc[r]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * N + cb * COLS, _mm512_add_ps(acc[r], zacc[r]));
 }
 
-template <int BITS, typename S>
+template <int BITS, typename S, bool HALF>
 void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const S* scales, const S* mins,
          int64_t N, float* y) {
   const int64_t NB = N / COLS;
@@ -149,11 +169,11 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
       // Tiles of 4 rows share each weight load (the block's codes stay in L1/L2 between tiles); the last
       // tile of a batch may be 1-3 rows.
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<BITS, S, 4>(a, m, K, codes, scales, mins, cb, y, N);
+      for (; m + 4 <= M; m += 4) tile<BITS, S, 4, HALF>(a, m, K, codes, scales, mins, cb, y, N);
       switch (M - m) {
-        case 3: tile<BITS, S, 3>(a, m, K, codes, scales, mins, cb, y, N); break;
-        case 2: tile<BITS, S, 2>(a, m, K, codes, scales, mins, cb, y, N); break;
-        case 1: tile<BITS, S, 1>(a, m, K, codes, scales, mins, cb, y, N); break;
+        case 3: tile<BITS, S, 3, HALF>(a, m, K, codes, scales, mins, cb, y, N); break;
+        case 2: tile<BITS, S, 2, HALF>(a, m, K, codes, scales, mins, cb, y, N); break;
+        case 1: tile<BITS, S, 1, HALF>(a, m, K, codes, scales, mins, cb, y, N); break;
         default: break;
       }
     }
@@ -169,8 +189,8 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
   TORCH_CHECK(scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype(), "qdot: scales/mins differ");
   TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.dim() == 3, "qdot: bad scales");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kFloat16, "qdot: scale dtype");
-  TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == COLS,
-              "qdot: scales do not match codes");
+  TORCH_CHECK(scales.size(0) == codes.size(0) && (scales.size(1) == codes.size(1) ||
+              scales.size(1) == 2 * codes.size(1)) && scales.size(2) == COLS, "qdot: scales do not match codes");
 }
 
 }  // namespace
@@ -187,12 +207,18 @@ torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   Activations a = quantize(x.data_ptr<float>(), M, K);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
+  const bool half = scales.size(1) == 2 * codes.size(1);  // 16-wide groups
+  TORCH_CHECK(!half || bits == 8, "qdot: 16-wide groups are stored as bytes");
   if (scales.dtype() == torch::kFloat16) {
     auto s = scales.data_ptr<at::Half>(), z = mins.data_ptr<at::Half>();
-    if (bits == 4) run<4, at::Half>(a, M, K, c, s, z, N, out); else run<8, at::Half>(a, M, K, c, s, z, N, out);
+    if (half) run<8, at::Half, true>(a, M, K, c, s, z, N, out);
+    else if (bits == 4) run<4, at::Half, false>(a, M, K, c, s, z, N, out);
+    else run<8, at::Half, false>(a, M, K, c, s, z, N, out);
   } else {
     auto s = scales.data_ptr<float>(), z = mins.data_ptr<float>();
-    if (bits == 4) run<4, float>(a, M, K, c, s, z, N, out); else run<8, float>(a, M, K, c, s, z, N, out);
+    if (half) run<8, float, true>(a, M, K, c, s, z, N, out);
+    else if (bits == 4) run<4, float, false>(a, M, K, c, s, z, N, out);
+    else run<8, float, false>(a, M, K, c, s, z, N, out);
   }
   return y;
 }
@@ -205,6 +231,7 @@ torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Ten
   TORCH_CHECK(n0 % COLS == 0 && n1 % COLS == 0 && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) * COLS,
               "qdot: bad column range");
   const int64_t group_bytes = codes.size(2);
+  const bool half = scales.size(1) == 2 * codes.size(1);
   auto s32 = scales.to(torch::kFloat32), z32 = mins.to(torch::kFloat32);
   const float* s = s32.data_ptr<float>();
   const float* z = z32.data_ptr<float>();
@@ -216,9 +243,10 @@ torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Ten
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* pc = c + (cb * G + g) * group_bytes;
         for (int col = 0; col < COLS; ++col) {
-          const float sc = s[(cb * G + g) * COLS + col], mn = z[(cb * G + g) * COLS + col];
           at::BFloat16* row = o + (cb * COLS + col - n0) * K + g * GROUP;
           for (int e = 0; e < GROUP; ++e) {
+            const int64_t pi = half ? ((cb * G + g) * 2 + e / 16) * COLS + col : (cb * G + g) * COLS + col;
+            const float sc = s[pi], mn = z[pi];
             const int j = e / 4, k = e % 4;
             int u;
             if (bits == 4) {
