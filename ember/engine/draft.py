@@ -21,7 +21,8 @@ import torch
 from ember.engine.block_manager import BlockManager
 from ember.engine.paged_cache import PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import BatchParams, SamplingParams, apply_logit_bias, apply_repetition_penalties, penalty_windows
+from ember.engine.sampler import (BatchParams, SamplingParams, apply_logit_bias, apply_repetition_penalties, greedy,
+                                  penalty_windows)
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
@@ -149,7 +150,7 @@ class DraftProposer:
     def _argmax(logits: torch.Tensor, states: list) -> list[int]:
         params = [st.params or SamplingParams(temperature=0) for st in states]
         if not any(p.penalizes or p.logit_bias for p in params):
-            return logits.argmax(-1).tolist()
+            return greedy(logits).tolist()
         bp = BatchParams.from_params(params, logits.shape[-1])
         x = logits.float()
         if bp.any_bias:
@@ -157,7 +158,7 @@ class DraftProposer:
         if bp.any_penalty:
             window = penalty_windows([st.token_ids for st in states], bp.repeat_last_n)
             x = apply_repetition_penalties(x, window, bp.repeat_penalty, bp.presence_penalty, bp.frequency_penalty)
-        return x.argmax(-1).tolist()
+        return greedy(x).tolist()
 
     def rollback(self, seq_id: int, valid: int) -> None:
         """The main sequence's tokens at positions < valid are final: keep the draft KV only up to there."""

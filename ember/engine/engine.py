@@ -43,7 +43,7 @@ from ember.engine.kv_budget import plan_kv_pools
 from ember.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from ember.engine.paged_cache import KV_DTYPES, PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import BatchParams, Sampler, penalty_windows, sample_batch, top_logprobs
+from ember.engine.sampler import BatchParams, Sampler, greedy, penalty_windows, sample_batch, top_logprobs
 from ember.engine.speculative import SpeculativeConfig
 from ember.engine.speculator import RequestSpeculation, Speculator
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, SchedulerConfig
@@ -352,7 +352,7 @@ class Engine:
                         mask[list(self._eog)] = True
                     logits[i].masked_fill_(~mask, float("-inf"))
         if all(p.greedy and not p.penalizes and not p.logit_bias for p in params):
-            return logits.argmax(-1).tolist()
+            return greedy(logits).tolist()
         bp = BatchParams.from_params(params, self.model.config.n_vocab)
         window = None
         if bp.any_penalty:
