@@ -197,3 +197,22 @@ def test_paged_attention_rejects_tables_out_of_range():
         native.extension().paged_attention(q, kp, vp, tables, lens_t, 16, 0, 0.125)
     with pytest.raises(RuntimeError, match="past the table"):
         native.extension().paged_attention(q, kp, vp, tables[:, :1].contiguous(), lens_t, 16, 0, 0.125)
+
+
+@pytest.mark.parametrize("window", [0, 50])
+def test_rows_of_one_sequence_share_reads_but_not_results(window):
+    """Consecutive rows with the same block table (a verification's rows, a short chunk's rows) are attended
+    together, reading each key once; each row must still equal the row computed alone, bit for bit."""
+    q, kp, vp, tables, _ = _pool_case(torch.float16, 64, 3, 3, [300], seed=2)
+    rows = 7
+    q = torch.randn(rows, 9, 64, generator=torch.Generator().manual_seed(3))
+    table = tables.expand(rows, -1).contiguous()
+    lens = torch.arange(294, 294 + rows)
+    ext = native.extension()
+    together = ext.paged_attention(q, kp, vp, table, lens, 16, window, 0.125)
+    for r in range(rows):
+        alone = ext.paged_attention(q[r : r + 1].contiguous(), kp, vp, table[:1].contiguous(), lens[r : r + 1].contiguous(),
+                                    16, window, 0.125)
+        assert torch.equal(alone[0], together[r]), r
+    ref = _sdpa_reference(q, kp, vp, table, lens, 16, window, 0.125)
+    assert torch.allclose(together.double(), ref, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <cmath>
 #include <cstdint>
@@ -61,90 +62,152 @@ template <typename T>
 inline void prefetch_row(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
-}  // query heads per kv head handled together
+}
 
-// One row b, one kv head: its `group` query heads share every key and value load. DC / VC: head sizes in
-// 16-float chunks, compile-time so that the chunk loops unroll and the accumulators stay in registers.
+struct Scratch {
+  std::vector<float> scores, acc;
+  std::vector<int64_t> slots, offsets;
+};
+
+constexpr int64_t TILE = 64;  // keys per value tile (its values stay in L1 while every row of the group reads them)
+
+// The rows [r0, r1) of one sequence (same block table; row r attends to keys [lo_r, len_r)), one kv head: the
+// rows and the head's `group` query heads share every key and value load - a speculative verification's rows
+// read the sequence's KV once instead of once per row. DC / VC: head sizes in 16-float chunks, compile-time so
+// that the chunk loops unroll and accumulators stay in registers.
+//
+// Each (row, head)'s arithmetic is the same whatever the other rows are: its scores in key order, its softmax
+// over its own keys (vector chunks aligned to its own first key), its values accumulated in key order (the
+// tiles only interrupt the sequence with an exact store and reload of the accumulators).
 template <typename T, int DC, int VC>
-void row_head(const float* q, const T* kpool, const T* vpool, const int64_t* table, int64_t lo, int64_t len,
-              int64_t bs, const int64_t* strides, int64_t kvh, int64_t group, float scale, float* out,
-              std::vector<float>& scores, std::vector<int64_t>& slots) {
+void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len, int64_t R, int64_t H,
+               const T* kpool, const T* vpool, const int64_t* table, int64_t bs, const int64_t* strides,
+               int64_t kvh, int64_t group, float scale, Scratch& sc) {
   constexpr int64_t d = 16 * DC, dv = 16 * VC;
-  const int64_t L = len - lo;
-  scores.resize(static_cast<size_t>(group * L));
+  int64_t lo_all = lo[0], hi_all = len[0];
+  sc.offsets.resize(static_cast<size_t>(R + 1));
+  sc.offsets[0] = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    lo_all = std::min(lo_all, lo[r]);
+    hi_all = std::max(hi_all, len[r]);
+    sc.offsets[r + 1] = sc.offsets[r] + group * (len[r] - lo[r]);
+  }
+  const int64_t U = hi_all - lo_all;
+  sc.scores.resize(static_cast<size_t>(sc.offsets[R]));
   // strides: K slot, K head, V slot, V head (elements); pools may be slot-major (paged) or head-major (KVCache)
   const int64_t kstride = strides[0], vstride = strides[2];
   kpool += kvh * strides[1];
   vpool += kvh * strides[3];
   // Slot of every key position, once (a division per position per head would cost more than the math).
-  slots.resize(static_cast<size_t>(L));
-  for (int64_t p = lo, i = 0; p < len;) {
-    const int64_t blk = p / bs, shift = (table[blk] - blk) * bs, end = std::min(len, (blk + 1) * bs);
+  sc.slots.resize(static_cast<size_t>(U));
+  int64_t* slots = sc.slots.data();
+  for (int64_t p = lo_all, i = 0; p < hi_all;) {
+    const int64_t blk = p / bs, shift = (table[blk] - blk) * bs, end = std::min(hi_all, (blk + 1) * bs);
     for (; p < end; ++p) slots[i++] = p + shift;  // slot = table[blk] * bs + p % bs
   }
   // scores
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = 0; i < U; ++i) {
     // The pool is usually cold here (the layer's weights streamed through the caches since it was written),
     // and blocks are scattered: fetch a few keys ahead so that several misses are in flight.
-    if (i + PREFETCH < L) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
+    if (i + PREFETCH < U) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
+    const int64_t p = lo_all + i;
     const T* k = kpool + slots[i] * kstride;
     __m512 kv[DC];
 #pragma GCC unroll 16
     for (int c = 0; c < DC; ++c) kv[c] = load16<T>(k + 16 * c);
+    for (int64_t r = 0; r < R; ++r) {
+      if (p < lo[r] || p >= len[r]) continue;
+      const int64_t L = len[r] - lo[r];
+      float* sr = sc.scores.data() + sc.offsets[r] + (p - lo[r]);
+      const float* qr = q + r * H * d;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qh = qr + g * d;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
+#pragma GCC unroll 16
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], acc);
+        sr[g * L] = _mm512_reduce_add_ps(acc) * scale;
+      }
+    }
+  }
+  // softmax weights (unnormalized), per row and head; 16 at a time from the row's first key, the tail masked
+  std::vector<float> inv(static_cast<size_t>(R * group));
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t L = len[r] - lo[r];
     for (int64_t g = 0; g < group; ++g) {
-      const float* qh = q + g * d;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
-#pragma GCC unroll 16
-      for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], acc);
-      scores[g * L + i] = _mm512_reduce_add_ps(acc) * scale;
+      float* s = sc.scores.data() + sc.offsets[r] + g * L;
+      __m512 mxv = _mm512_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < L; i += 16) {
+        const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
+        mxv = _mm512_mask_max_ps(mxv, k, mxv, _mm512_maskz_loadu_ps(k, s + i));
+      }
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+      __m512 sumv = _mm512_setzero_ps();
+      for (int64_t i = 0; i < L; i += 16) {
+        const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mx));
+        _mm512_mask_storeu_ps(s + i, k, e);
+        sumv = _mm512_mask_add_ps(sumv, k, sumv, e);
+      }
+      inv[r * group + g] = 1.0f / _mm512_reduce_add_ps(sumv);
     }
   }
-  // softmax weights (unnormalized), per head; 16 at a time, the tail masked (same ops for every length)
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data() + g * L;
-    __m512 mxv = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < L; i += 16) {
-      const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
-      mxv = _mm512_mask_max_ps(mxv, k, mxv, _mm512_maskz_loadu_ps(k, s + i));
-    }
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-    __m512 sumv = _mm512_setzero_ps();
-    for (int64_t i = 0; i < L; i += 16) {
-      const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mx));
-      _mm512_mask_storeu_ps(s + i, k, e);
-      sumv = _mm512_mask_add_ps(sumv, k, sumv, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sumv));
-    // weighted values of this head
-    __m512 acc[VC];
+  // weighted values, a tile of keys at a time
+  sc.acc.assign(static_cast<size_t>(R * group * dv), 0.f);
+  for (int64_t t0 = lo_all; t0 < hi_all; t0 += TILE) {
+    const int64_t t1 = std::min(hi_all, t0 + TILE);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t a = std::max(t0, lo[r]), b = std::min(t1, len[r]);
+      if (a >= b) continue;
+      const int64_t L = len[r] - lo[r];
+      for (int64_t g = 0; g < group; ++g) {
+        const float* s = sc.scores.data() + sc.offsets[r] + g * L - lo[r];  // s[p]: weight of key p
+        float* ap = sc.acc.data() + (r * group + g) * dv;
+        __m512 acc[VC];
 #pragma GCC unroll 16
-    for (int c = 0; c < VC; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < L; ++i) {
-      if (i + PREFETCH < L) prefetch_row<T>(vpool + slots[i + PREFETCH] * vstride, dv);
-      const T* v = vpool + slots[i] * vstride;
-      const __m512 w = _mm512_set1_ps(s[i]);
+        for (int c = 0; c < VC; ++c) acc[c] = _mm512_loadu_ps(ap + 16 * c);
+        for (int64_t p = a; p < b; ++p) {
+          const int64_t i = p - lo_all;
+          if (i + PREFETCH < U) prefetch_row<T>(vpool + slots[i + PREFETCH] * vstride, dv);
+          const T* v = vpool + slots[i] * vstride;
+          const __m512 w = _mm512_set1_ps(s[p]);
 #pragma GCC unroll 16
-      for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, load16<T>(v + 16 * c), acc[c]);
+          for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, load16<T>(v + 16 * c), acc[c]);
+        }
+#pragma GCC unroll 16
+        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(ap + 16 * c, acc[c]);
+      }
     }
-#pragma GCC unroll 16
-    for (int c = 0; c < VC; ++c) _mm512_storeu_ps(out + g * dv + 16 * c, _mm512_mul_ps(acc[c], inv));
   }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 iv = _mm512_set1_ps(inv[r * group + g]);
+      const float* ap = sc.acc.data() + (r * group + g) * dv;
+#pragma GCC unroll 16
+      for (int c = 0; c < VC; ++c) _mm512_storeu_ps(out + r * H * dv + g * dv + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ap + 16 * c), iv));
+    }
 }
 
 template <typename T, int DC, int VC>
 void run_rows(const float* qp, const T* kp, const T* vp, const int64_t* tp, const int64_t* lp, int64_t B, int64_t H,
               int64_t hkv, int64_t width, int64_t bs, int64_t window, float scale, float* op, const int64_t* strides) {
   const int64_t group = H / hkv;
-  at::parallel_for(0, B * hkv, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores;
-    std::vector<int64_t> slots;
+  // Groups: runs of consecutive rows with the same block table (one sequence's verification rows, a short
+  // chunk's rows), which share their key and value reads.
+  std::vector<int64_t> starts{0};
+  for (int64_t b = 1; b < B; ++b)
+    if (std::memcmp(tp + b * width, tp + (b - 1) * width, static_cast<size_t>(width) * sizeof(int64_t)) != 0)
+      starts.push_back(b);
+  starts.push_back(B);
+  const int64_t G = static_cast<int64_t>(starts.size()) - 1;
+  std::vector<int64_t> lo(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) lo[b] = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
+  at::parallel_for(0, G * hkv, 1, [&](int64_t w0, int64_t w1) {
+    Scratch sc;
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / hkv, kvh = w % hkv;
-      const int64_t len = lp[b];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      row_head<T, DC, VC>(qp + (b * H + kvh * group) * 16 * DC, kp, vp, tp + b * width, lo, len, bs, strides, kvh,
-                          group, scale, op + (b * H + kvh * group) * 16 * VC, scores, slots);
+      const int64_t gi = w / hkv, kvh = w % hkv, b = starts[gi];
+      rows_head<T, DC, VC>(qp + (b * H + kvh * group) * 16 * DC, op + (b * H + kvh * group) * 16 * VC,
+                           lo.data() + b, lp + b, starts[gi + 1] - b, H, kp, vp, tp + b * width, bs, strides, kvh,
+                           group, scale, sc);
     }
   });
 }
