@@ -13,9 +13,12 @@ Protocol: before each forward pass the runner calls `set_batches([BatchLayout.bu
 (`set_batch` for one group); the model then calls
 `attend(layer, q, k, v, positions, scale, window)` once per layer with the FLAT batch of tokens (every
 scheduled sequence's tokens, concatenated in schedule order). attend writes the new K/V into their slots, then
-  - prefill chunks (> 1 token): one SDPA per sequence over its gathered keys with a causal (+ window) mask;
-  - single-token entries (decodes): batched SDPA, each row's keys gathered through its block table; rows
-    are grouped by key count (exact mode, the default) or padded to the longest row and masked.
+  - with the native kernels (float16/bfloat16 storage): every decode row and every row of a chunk shorter
+    than ROW_CHUNK in one call of ember/kernels/csrc/paged_attention.cpp, which reads the pool through the
+    block tables and computes each row independently (batch-invariant); longer chunks as below;
+  - otherwise, prefill chunks (> 1 token): one SDPA per sequence over its gathered keys with a causal
+    (+ window) mask; single-token entries (decodes): batched SDPA, each row's keys gathered through its block
+    table; rows are grouped by key count (exact mode, the default) or padded to the longest row and masked.
 The layout (slots, gather indices, masks) is built once per step and shared by all layers; per-window pieces
 are built lazily on first use, since gemma3 mixes windowed and global layers.
 
@@ -437,9 +440,7 @@ class PagedKVCache:
         vp.write(lay.slots, v, lay.slot_run)
         native = _native_attention(kp, vp)
         if native is not None:
-            out = native(q, kp, vp, lay, scale, window)
-            if out is not None:
-                return out
+            return native(q, kp, vp, lay, scale, window)
         groups = lay.decode_groups(window)
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
