@@ -46,6 +46,7 @@ def extension():
     try:
         from torch.utils import cpp_extension
 
+        _say_if_building(cpp_extension)
         return cpp_extension.load(
             name="ember_native",
             sources=[str(s) for s in SOURCES],
@@ -60,6 +61,17 @@ def extension():
         print(f"ember: native kernels unavailable ({type(exc).__name__}: {exc}); using torch's kernels",
               file=sys.stderr)
         return None
+
+
+def _say_if_building(cpp_extension) -> None:
+    """One line on stderr when no build of the kernels exists yet: the first model load then takes ~30 s
+    longer, and a user should know why. (A changed source is rebuilt silently: a rarer, developer's case.)"""
+    try:
+        built = Path(cpp_extension._get_build_directory("ember_native", False)) / "ember_native.so"
+    except Exception:  # a private helper of torch's: if it moved, just skip the message
+        return
+    if not built.exists():
+        print("ember: building native CPU kernels (once per machine, about 30 s)...", file=sys.stderr, flush=True)
 
 
 def available() -> bool:
