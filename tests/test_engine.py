@@ -311,6 +311,23 @@ def test_preemption_under_memory_pressure_keeps_outputs(tiny):
     assert_same(results, [alone(m, p, opt) for p in prompts])
 
 
+def test_preempted_long_generation_recomputes_exactly(tiny):
+    """A sequence preempted after generating many tokens recomputes prompt + generated in one long chunk; its
+    generated tokens were decode rows the first time, so they are recomputed as decode rows again (not as a
+    bulk chunk, whose rounding differs) and the continuation equals the output alone."""
+    m = tiny
+    prompts = prompts_for(m, [10, 9], seed=13)
+    opt = GenerationOptions(max_tokens=100, sampling=GREEDY)
+    engine = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=40, max_num_seqs=2,
+                                                      max_num_batched_tokens=128, enable_prefix_caching=False))
+    batches = record_batches(engine)
+    results = run_all(engine, prompts, [opt] * 2)
+    assert engine.stats().num_preemptions > 0
+    # some recompute chunk really carried >= 64 generated tokens
+    assert any(pre and n >= 64 + 10 for b in batches for _, start, n, pre in b if start == 0)
+    assert_same(results, [alone(m, p, opt) for p in prompts])
+
+
 def test_windowed_pool_pressure_keeps_outputs(tiny):
     """gemma3's sliding-window layers (window 4) in their own pool of 8 blocks while the global pool has 200:
     sequences that cross the window many times hold at most a window's blocks there, the windowed pool alone

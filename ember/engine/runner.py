@@ -51,14 +51,8 @@ class Runner:
         for e in batch.scheduled:
             tables = e.seq.block_tables
             end = e.start + e.num_tokens
-            # A short chunk's rows take the small-batch matmul kernel, as decode rows do, when the cache also
-            # attends short chunks row by row (PagedKVCache.row_invariant): a prompt then gets the same KV
-            # whether it is computed whole, after a prefix-cache hit or in other chunks, as long as its chunks
-            # stay short; long chunks keep the fast bfloat16 GEMM + SDPA path.
-            as_rows = e.num_tokens < ROW_CHUNK and self.cache.row_invariant
-            if e.draft or e.num_tokens == 1 or as_rows:
-                decode_rows.extend(range(len(tokens), len(tokens) + e.num_tokens))
             if e.draft:
+                decode_rows.extend(range(len(tokens), len(tokens) + e.num_tokens))
                 row0 = len(tokens)
                 tokens.append(e.seq.token_ids[e.start])
                 tokens.extend(e.draft)
@@ -67,10 +61,26 @@ class Runner:
                     entries[g].extend((tables[g], p, 1) for p in range(e.start, end))
                 rows.extend(range(row0, len(tokens)))
                 continue
+            # Where the cache attends row by row (PagedKVCache.row_invariant), rows that were or would be
+            # computed alone are computed exactly as alone - the small-batch matmul kernel and one attention
+            # row each: a chunk shorter than ROW_CHUNK (a prompt then gets the same KV whether it is computed
+            # whole, after a prefix-cache hit or in other short chunks), and generated tokens recomputed after
+            # a preemption (they were decode rows the first time). Long prompt chunks keep the faster
+            # bfloat16 GEMM + SDPA path.
+            exact = self.cache.row_invariant
+            split = max(e.start, min(end, e.seq.num_prompt_tokens)) if exact else end
+            if split > e.start:
+                n = split - e.start
+                if n == 1 or (exact and n < ROW_CHUNK):
+                    decode_rows.extend(range(len(tokens), len(tokens) + n))
+                for g in groups:
+                    entries[g].append((tables[g], e.start, n))
+            if end > split:
+                decode_rows.extend(range(len(tokens) + split - e.start, len(tokens) + e.num_tokens))
+                for g in groups:
+                    entries[g].extend((tables[g], p, 1) for p in range(split, end))
             tokens.extend(e.seq.token_ids[e.start : end])
             positions.extend(range(e.start, end))
-            for g in groups:
-                entries[g].append((tables[g], e.start, e.num_tokens))
             if e.samples:
                 rows.append(len(tokens) - 1)
         self.cache.set_batches([BatchLayout.build(self.cache.block_size, entries[g], self.cache.exact) for g in groups])
