@@ -554,3 +554,22 @@ def test_consecutive_slots_are_written_as_one_range():
     a.k[0].write(slots, x, slice(10, 14))
     b.k[0].write(slots, x)
     assert torch.equal(a.k[0].data, b.k[0].data) and a.k[0].data.abs().sum() > 0
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_reference_models_long_prompts_in_a_batch_match_alone(name, smollm2_path, gemma3_path):
+    """Prompts of 5 to 700 tokens added together: the long ones are cut into chunks wherever the step budget
+    falls, and their rows share steps (and matrix products) with other requests; with exact prefill every
+    greedy continuation still equals the request run alone on a fresh engine."""
+    from pathlib import Path
+
+    m = ember.load(smollm2_path if name == "smollm2" else gemma3_path, n_ctx=1024)
+    text = (Path(__file__).parent / "fixtures" / "gpl3.txt").read_text()
+    ids = m.tokenizer.encode(text, add_special=False)
+    prompts = [ids[100:105], ids[300:500], ids[1000:1700]]
+    opt = GenerationOptions(max_tokens=24, sampling=GREEDY)
+    cfg = EngineConfig(max_model_len=1024)
+    together = run_all(Engine(m.model, m.tokenizer, cfg), prompts, [opt] * 3)
+    alone_ = [run_all(Engine(m.model, m.tokenizer, cfg), [p], [opt])[0] for p in prompts]
+    assert_same(together, [r.completion for r in alone_])

@@ -107,17 +107,25 @@ def test_parameters_stay_float32_when_float16_would_round():
     assert make_linear(raw, T.Q4_0, (64, 16)).scales.dtype == torch.float16
 
 
-def test_many_rows_take_the_bfloat16_gemm(monkeypatch):
+def test_many_rows_take_the_bfloat16_gemm_only_without_exact_prefill(monkeypatch):
     monkeypatch.setenv("EMBER_BULK_BF16", "1")  # the path is correct on any CPU, only not faster without bf16
     raw, w = _weight(T.Q4_1, 64, 128, seed=6)
     lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, T.Q4_1, (128, 64))])
-    x = torch.randn(100, 128)
+    x = torch.randn(100, 128, generator=torch.Generator().manual_seed(10))
+    kernel = lin(x)
+    monkeypatch.setattr(native, "EXACT", False)
+    bulk = lin(x)
     want = F.linear(x.bfloat16(), w.bfloat16()).float()
-    assert torch.allclose(lin(x), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert torch.allclose(bulk, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert not torch.equal(bulk, kernel)  # a different computation
     calls = []
     monkeypatch.setattr(lin, "_kernel", lambda t: calls.append(t.shape[0]) or torch.zeros(t.shape[0], 64))
     lin(x[:10])
-    assert calls == [10]
+    lin(x)
+    assert calls == [10]  # 100 rows went to the GEMM
+    monkeypatch.setattr(native, "EXACT", True)
+    lin(x)
+    assert calls == [10, 100]  # exact prefill: every row on the kernel
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", T.Q4_1), ("llama", T.Q8_0), ("gemma3", T.Q5_0)])

@@ -14,8 +14,9 @@ Protocol: before each forward pass the runner calls `set_batches([BatchLayout.bu
 `attend(layer, q, k, v, positions, scale, window)` once per layer with the FLAT batch of tokens (every
 scheduled sequence's tokens, concatenated in schedule order). attend writes the new K/V into their slots, then
   - with the native kernels (float16/bfloat16 storage): every decode row and every row of a chunk shorter
-    than ROW_CHUNK in one call of ember/kernels/csrc/paged_attention.cpp, which reads the pool through the
-    block tables and computes each row independently (batch-invariant); longer chunks as below;
+    than native.row_chunk() (every chunk, with exact prefill) in one call of ember/kernels/csrc/
+    paged_attention.cpp, which reads the pool through the block tables and computes each row independently
+    (batch-invariant); longer chunks as below;
   - otherwise, prefill chunks (> 1 token): one SDPA per sequence over its gathered keys with a causal
     (+ window) mask; single-token entries (decodes): batched SDPA, each row's keys gathered through its block
     table; rows are grouped by key count (exact mode, the default) or padded to the longest row and masked.
@@ -47,7 +48,6 @@ import torch.nn.functional as F
 from ember.engine import kv_budget
 from ember.engine.block_manager import NULL_BLOCK
 from ember.kernels import native as native_kernels
-from ember.kernels.native import ROW_CHUNK
 from ember.errors import InvalidParameterError
 
 KV_DTYPES = ("float16", "bfloat16", "q8_0")
@@ -295,10 +295,10 @@ class BatchLayout:
 
     def row_attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat rows, block tables [R, width], key lengths [R]) of the rows the native kernel attends: every
-        decode row, then every row of a chunk shorter than ROW_CHUNK (row at position p: keys [.., p]).
+        decode row, then every row of a chunk shorter than native.row_chunk() (row at position p: keys [.., p]).
         Built once per step."""
         if self._rows is None:
-            short = [p for p in self.prefills if p.row1 - p.row0 < ROW_CHUNK]
+            short = [p for p in self.prefills if p.row1 - p.row0 < native_kernels.row_chunk()]
             rows = [self.decode_rows] + [torch.arange(p.row0, p.row1) for p in short]
             lens = [self.decode_lens] + [torch.arange(p.start + 1, p.end + 1) for p in short]
             width = max([self.decode_tables.shape[1]] + [p.table.shape[0] for p in short])
@@ -513,7 +513,7 @@ def _attend_native(q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scal
     if rows.numel():
         out[rows] = ext.paged_attention(q[rows].float().contiguous(), kp.flat, vp.flat, tables, lens,
                                         lay.block_size, window, scale)
-    long = [p for p in lay.prefills if p.row1 - p.row0 >= ROW_CHUNK]
+    long = [p for p in lay.prefills if p.row1 - p.row0 >= native_kernels.row_chunk()]
     if long:
         PagedKVCache._attend_prefills(out, q, kp, vp, lay, scale, window, long)
     return out

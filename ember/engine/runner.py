@@ -21,7 +21,7 @@ import torch
 
 from ember.engine.paged_cache import BatchLayout, PagedKVCache
 from ember.engine.scheduler import ScheduledBatch
-from ember.kernels.native import ROW_CHUNK
+from ember.kernels import native
 from ember.kernels.linear import int4_kernel_rows
 from ember.model.transformer import Transformer
 
@@ -61,17 +61,16 @@ class Runner:
                     entries[g].extend((tables[g], p, 1) for p in range(e.start, end))
                 rows.extend(range(row0, len(tokens)))
                 continue
-            # Where the cache attends row by row (PagedKVCache.row_invariant), rows that were or would be
-            # computed alone are computed exactly as alone - the small-batch matmul kernel and one attention
-            # row each: a chunk shorter than ROW_CHUNK (a prompt then gets the same KV whether it is computed
-            # whole, after a prefix-cache hit or in other short chunks), and generated tokens recomputed after
-            # a preemption (they were decode rows the first time). Long prompt chunks keep the faster
-            # bfloat16 GEMM + SDPA path.
+            # Where the cache attends row by row (PagedKVCache.row_invariant), rows are computed as they would
+            # be alone - the small-batch matmul kernel and one attention row each: every prompt row with exact
+            # prefill (ember.kernels.native.EXACT, the default), else chunks shorter than 64 tokens; and
+            # generated tokens recomputed after a preemption (they were decode rows the first time). Long
+            # chunks without exact prefill take the faster bfloat16 GEMM + SDPA path.
             exact = self.cache.row_invariant
             split = max(e.start, min(end, e.seq.num_prompt_tokens)) if exact else end
             if split > e.start:
                 n = split - e.start
-                if n == 1 or (exact and n < ROW_CHUNK):
+                if n == 1 or (exact and n < native.row_chunk()):
                     decode_rows.extend(range(len(tokens), len(tokens) + n))
                 for g in groups:
                     entries[g].append((tables[g], e.start, n))

@@ -16,10 +16,21 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "module.cpp", CSRC / "qdot.cpp", CSRC / "paged_attention.cpp")
-# Chunks shorter than this are attended row by row through the decode kernel (and their matrix products use
-# the small-batch kernels): the KV of a short prompt then does not depend on how it was split or cached. Equal
-# to ember.kernels.int4_dense.MIN_ROWS, below which products take the small-batch kernels anyway.
-ROW_CHUNK = 64
+# Exact prefill (default; EMBER_EXACT_PREFILL=0 turns it off): every prompt row is computed like a decode row -
+# the qdot kernel and one attention row each - so a token's logits depend only on the tokens before it, never
+# on the batch, the chunking or the prefix cache: greedy output alone and in any batch is the same text. Costs
+# prompt speed (SmolLM2 pp512 ~1270 -> ~960 t/s, gemma3 ~1360 -> ~780 here) against bfloat16 GEMM + SDPA for
+# long chunks. Off, only chunks shorter than 64 tokens (below int4_dense.MIN_ROWS, where products take the
+# small-batch kernels anyway) are computed row by row.
+EXACT = os.environ.get("EMBER_EXACT_PREFILL", "1").strip().lower() not in ("0", "off", "false", "no")
+SHORT_CHUNK = 64
+
+
+def row_chunk() -> int:
+    """Chunks shorter than this are computed row by row (where the native kernels run)."""
+    return 1 << 62 if EXACT else SHORT_CHUNK
+
+
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 
 

@@ -10,8 +10,10 @@ Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned 
 Q4_1, Q4_K) keep nibbles; the others one byte per weight; s and z as float16 when every value is exactly a
 float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Float tensors stay on the dense bfloat16 path.
 
-Batches of >= int4_dense.MIN_ROWS non-decode rows (prompt processing) dequantize slabs of rows to bfloat16 and
-use torch's GEMM, as the int4 path does: a bfloat16 GEMM is several times faster than this kernel there.
+Every row takes the kernel by default (exact prefill, see ember.kernels.native.EXACT: a row's result never
+depends on its batch). With EMBER_EXACT_PREFILL=0, batches of >= int4_dense.MIN_ROWS non-decode rows (prompt
+processing) dequantize slabs of rows to bfloat16 and use torch's GEMM instead, as the int4 path does: faster
+there (bfloat16 GEMM with AMX/AVX-512 BF16), not batch-invariant.
 
 The kernel is built by ember.kernels.native (CPUs with AVX-512 VNNI; EMBER_NATIVE=0 turns it off); without
 it, Int4Linear serves these types as before.
@@ -126,7 +128,7 @@ class QDotLinear(Linear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = decode_rows()
         n_exact = 0 if rows is None else rows.numel()
-        if x.shape[0] - n_exact >= int4_dense.MIN_ROWS and int4_dense.wanted():
+        if not native.EXACT and x.shape[0] - n_exact >= int4_dense.MIN_ROWS and int4_dense.wanted():
             xb = x.to(torch.bfloat16)
             if n_exact:
                 keep = torch.ones(x.shape[0], dtype=torch.bool)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ember.errors import ContextOverflowError
 from ember.kernels import native
-from ember.kernels.native import ROW_CHUNK
 
 
 class KVCache:
@@ -94,7 +93,7 @@ class KVCache:
             vc[:, keep % slots] = v[-keep.shape[0] :].transpose(0, 1).to(self.dtype)
         self.length = max(self.length, end)
 
-        if t < ROW_CHUNK and not ring and self._native is not None:
+        if t < native.row_chunk() and not ring and self._native is not None:
             # Decode steps and short chunks: the engine's decode kernel, one row per token, over this buffer as
             # one block - bit-identical to the paged cache's rows for the same keys (a row's result depends on
             # its query and key values only, not on where they live or what else is in the call).
