@@ -64,8 +64,43 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
 
+// Keys slots[0..nk) (nk <= 16) of one kv head, converted to float32 and transposed: kt[dim][key], zero for
+// keys past nk. 16 x 16 blocks through registers (unpack / shuffle / permute), one per 16 dimensions.
+template <typename T, int DC>
+inline void transpose_tile(const T* kpool, const int64_t* slots, int64_t nk, int64_t kstride,
+                           float (*kt)[16]) {
+  for (int c = 0; c < DC; ++c) {
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < nk ? load16<T>(kpool + slots[j] * kstride + 16 * c) : _mm512_setzero_ps();
+    // 16 x 16 transpose of 32-bit elements
+    __m512 t[16];
+    for (int j = 0; j < 16; j += 2) {
+      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
+      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) {
+      r[j] = _mm512_shuffle_ps(t[j], t[j + 2], 0x44);
+      r[j + 1] = _mm512_shuffle_ps(t[j], t[j + 2], 0xEE);
+      r[j + 2] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+      r[j + 3] = _mm512_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+      t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+      t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xDD);
+      t[j + 8] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0x88);
+      t[j + 12] = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0xDD);
+    }
+    for (int j = 0; j < 8; ++j) {
+      r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+      r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+    }
+    // r[j] now holds dimension 16 c + j of keys 0..15 (the network is the standard 4-stage 16 x 16 transpose)
+    for (int j = 0; j < 16; ++j) _mm512_store_ps(kt[16 * c + j], r[j]);
+  }
+}
+
 struct Scratch {
-  std::vector<float> scores, acc;
+  std::vector<float> scores, acc, vt;
   std::vector<int64_t> slots, offsets;
 };
 
@@ -105,27 +140,36 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
     const int64_t blk = p / bs, shift = (table[blk] - blk) * bs, end = std::min(hi_all, (blk + 1) * bs);
     for (; p < end; ++p) slots[i++] = p + shift;  // slot = table[blk] * bs + p % bs
   }
-  // scores
-  for (int64_t i = 0; i < U; ++i) {
-    // The pool is usually cold here (the layer's weights streamed through the caches since it was written),
-    // and blocks are scattered: fetch a few keys ahead so that several misses are in flight.
-    if (i + PREFETCH < U) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
-    const int64_t p = lo_all + i;
-    const T* k = kpool + slots[i] * kstride;
-    __m512 kv[DC];
-#pragma GCC unroll 16
-    for (int c = 0; c < DC; ++c) kv[c] = load16<T>(k + 16 * c);
+  // scores, 16 keys at a time: the tile's keys transposed to kt[dim][key] (float32), then for each row and
+  // head one 16-lane accumulator per tile, summed over the dimensions in order - lane j is key j's dot
+  // product, with the same arithmetic whichever lane or tile a key falls in and whichever rows share the call
+  alignas(64) float kt[16 * DC][16];
+  for (int64_t t = lo_all; t < hi_all; t += 16) {
+    const int64_t nk = std::min<int64_t>(16, hi_all - t);
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t i = t - lo_all + j;
+      if (i + PREFETCH < U) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
+    }
+    transpose_tile<T, DC>(kpool, slots + (t - lo_all), nk, kstride, kt);
     for (int64_t r = 0; r < R; ++r) {
-      if (p < lo[r] || p >= len[r]) continue;
+      const int64_t a = std::max(t, lo[r]), b = std::min(t + 16, len[r]);
+      if (a >= b) continue;
+      const __mmask16 m = static_cast<__mmask16>(((1u << (b - t)) - 1) & ~((1u << (a - t)) - 1));
       const int64_t L = len[r] - lo[r];
-      float* sr = sc.scores.data() + sc.offsets[r] + (p - lo[r]);
+      float* sr = sc.scores.data() + sc.offsets[r] + (t - lo[r]);  // lane j -> key t + j (masked lanes unused)
       const float* qr = q + r * H * d;
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qh = qr + g * d;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
-#pragma GCC unroll 16
-        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], acc);
-        sr[g * L] = _mm512_reduce_add_ps(acc) * scale;
+      // heads in blocks of 4: independent accumulator chains to hide the FMA latency
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const int64_t ng = std::min<int64_t>(4, group - g0);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t dd = 0; dd < d; ++dd) {
+          const __m512 kd = _mm512_load_ps(kt[dd]);
+#pragma GCC unroll 4
+          for (int gg = 0; gg < 4; ++gg)
+            if (gg < ng) acc[gg] = _mm512_fmadd_ps(_mm512_set1_ps(qr[(g0 + gg) * d + dd]), kd, acc[gg]);
+        }
+        for (int64_t gg = 0; gg < ng; ++gg)
+          _mm512_mask_storeu_ps(sr + (g0 + gg) * L, m, _mm512_mul_ps(acc[gg], _mm512_set1_ps(scale)));
       }
     }
   }
@@ -151,10 +195,20 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
       inv[r * group + g] = 1.0f / _mm512_reduce_add_ps(sumv);
     }
   }
-  // weighted values, a tile of keys at a time
+  // weighted values, a tile of keys at a time: the tile's values converted to float32 once, then every row
+  // and head accumulates from it in key order
   sc.acc.assign(static_cast<size_t>(R * group * dv), 0.f);
+  sc.vt.resize(static_cast<size_t>(TILE * dv));
+  float* vt = sc.vt.data();
   for (int64_t t0 = lo_all; t0 < hi_all; t0 += TILE) {
     const int64_t t1 = std::min(hi_all, t0 + TILE);
+    for (int64_t p = t0; p < t1; ++p) {
+      const int64_t i = p - lo_all;
+      if (i + PREFETCH < U) prefetch_row<T>(vpool + slots[i + PREFETCH] * vstride, dv);
+      const T* v = vpool + slots[i] * vstride;
+#pragma GCC unroll 16
+      for (int c = 0; c < VC; ++c) _mm512_storeu_ps(vt + (p - t0) * dv + 16 * c, load16<T>(v + 16 * c));
+    }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t a = std::max(t0, lo[r]), b = std::min(t1, len[r]);
       if (a >= b) continue;
@@ -166,12 +220,10 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
 #pragma GCC unroll 16
         for (int c = 0; c < VC; ++c) acc[c] = _mm512_loadu_ps(ap + 16 * c);
         for (int64_t p = a; p < b; ++p) {
-          const int64_t i = p - lo_all;
-          if (i + PREFETCH < U) prefetch_row<T>(vpool + slots[i + PREFETCH] * vstride, dv);
-          const T* v = vpool + slots[i] * vstride;
+          const float* v = vt + (p - t0) * dv;
           const __m512 w = _mm512_set1_ps(s[p]);
 #pragma GCC unroll 16
-          for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, load16<T>(v + 16 * c), acc[c]);
+          for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
         }
 #pragma GCC unroll 16
         for (int c = 0; c < VC; ++c) _mm512_storeu_ps(ap + 16 * c, acc[c]);
