@@ -373,7 +373,7 @@ class PagedKVCache:
         """Whether decode rows are attended by the native kernel, whose result for a row depends on nothing but
         that row's query and keys (then a chunk split into decode rows computes what its tokens would compute
         in any other split)."""
-        return all(_native_attention(kp, vp) is not None for kp, vp in zip(self.k, self.v))
+        return all(_native_usable(kp, vp) for kp, vp in zip(self.k, self.v))
 
     @staticmethod
     def bytes_per_block(n_layer: int, n_head_kv: int, head_dim: int, value_dim: int, block_size: int,
@@ -438,9 +438,8 @@ class PagedKVCache:
         # storage rounding as the earlier ones, so splitting a prompt into chunks does not change the result.
         kp.write(lay.slots, k, lay.slot_run)
         vp.write(lay.slots, v, lay.slot_run)
-        native = _native_attention(kp, vp)
-        if native is not None:
-            return native(q, kp, vp, lay, scale, window)
+        if self.row_invariant:  # decided once: every layer's pools have the same storage and head sizes
+            return _attend_native(q, kp, vp, lay, scale, window)
         groups = lay.decode_groups(window)
         if not lay.prefills and len(groups) == 1:
             # every token is a decode of the same key span (single-stream decode): rows are 0..T-1 in order,
@@ -489,14 +488,12 @@ class PagedKVCache:
             out[p.row0 : p.row1] = o[0].transpose(0, 1)
 
 
-def _native_attention(kp: _Pool, vp: _Pool):
-    """The native decode-attention path for these pools' storage, or None (q8_0 storage, head sizes it was not
-    compiled for, no native kernels)."""
+def _native_usable(kp: _Pool, vp: _Pool) -> bool:
+    """Whether the native attention kernel serves these pools (not for q8_0 storage, head sizes it was not
+    compiled for, or without native kernels)."""
     ext = native_kernels.extension()
-    if kp.flat_scale is not None or ext is None or not ext.paged_attention_supports(kp.flat.shape[-1],
-                                                                                     vp.flat.shape[-1]):
-        return None
-    return _attend_native
+    return kp.flat_scale is None and ext is not None and ext.paged_attention_supports(kp.flat.shape[-1],
+                                                                                       vp.flat.shape[-1])
 
 
 def _attend_native(q: torch.Tensor, kp: _Pool, vp: _Pool, lay: BatchLayout, scale: float, window: int
