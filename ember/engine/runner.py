@@ -44,7 +44,7 @@ class Runner:
         tokens: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
-        decode_rows: list[int] = []  # rows that alone would be a small batch: keep them on the int4 kernel
+        decode_rows: list[int] = []  # rows computed as alone: the small-batch matmul kernel (int4_kernel_rows)
         groups = range(self.cache.num_groups)
         # Per group, per layout entry: (that group's block table, start position, number of tokens).
         entries: list[list] = [[] for _ in groups]

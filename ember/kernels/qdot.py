@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as T
 
 from ember.kernels import int4_dense, native
 from ember.kernels.linear import Linear, decode_rows
-from ember.quant.repack import _codes_and_params
+from ember.quant.repack import codes_and_params
 
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
@@ -72,7 +72,7 @@ def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int
     """Exact (u, s, z) of a GGUF weight: ggml's w = (q - offset) * scale + bias becomes s * u + z with
     z = bias - offset * scale (Q8_0's signed bytes made unsigned: u = q + 128)."""
     qt = T(qtype)
-    q, scale, bias, offset, _ = _codes_and_params(raw, qt, tuple(shape))
+    q, scale, bias, offset, _ = codes_and_params(raw, qt, tuple(shape))
     if qt == T.Q8_0:
         q = q.bitwise_xor(0x80)
         offset = 128

@@ -59,7 +59,7 @@ def _require(qtype: T, allowed: frozenset[T], what: str) -> T:
     return qt
 
 
-def _codes_and_params(raw: np.ndarray | torch.Tensor, qt: T, shape: tuple[int, ...]
+def codes_and_params(raw: np.ndarray | torch.Tensor, qt: T, shape: tuple[int, ...]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Unsigned codes [rows, cols] (uint8; Q8_0: its int8 bytes), and group scale / bias [rows, cols // group]
     (group 32, or 16 for the K-quants with 16-wide sub-blocks) with w = (q - offset) * scale + bias.
@@ -91,7 +91,7 @@ def int4_groups(raw: np.ndarray | torch.Tensor, qtype: T, shape: tuple[int, ...]
     """Q4_0 / Q4_1 / Q4_K -> (q uint8 [rows, cols] in 0..15, scale, zero float32 [rows, cols // 32]) with
     (q - 8) * scale + zero == dequantize(raw, qtype, shape) (see the module table for exactness)."""
     qt = _require(qtype, INT4_TYPES, "int4_groups")
-    q, scale, bias, offset, _ = _codes_and_params(raw, qt, tuple(shape))
+    q, scale, bias, offset, _ = codes_and_params(raw, qt, tuple(shape))
     zero = bias if offset == 8 else torch.add(bias, scale, alpha=8 - offset)  # bias + (8 - off) * scale
     return q, scale, zero
 
@@ -100,7 +100,7 @@ def int8_groups(raw: np.ndarray | torch.Tensor, qtype: T, shape: tuple[int, ...]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8_0 -> (q int8 [rows, cols], d float32 [rows, cols // 32]) with q * d == dequantize(...) exactly."""
     qt = _require(qtype, INT8_TYPES, "int8_groups")
-    q, scale, _, _, _ = _codes_and_params(raw, qt, tuple(shape))
+    q, scale, _, _, _ = codes_and_params(raw, qt, tuple(shape))
     return q.view(torch.int8), scale
 
 
@@ -112,7 +112,7 @@ def split_int4_planes(raw: np.ndarray | torch.Tensor, qtype: T, shape: tuple[int
     qt = _require(qtype, SPLIT_TYPES, "split_int4_planes")
     if qt in INT4_TYPES:
         return [int4_groups(raw, qt, shape)]
-    u, s, bias, offset, _ = _codes_and_params(raw, qt, tuple(shape))
+    u, s, bias, offset, _ = codes_and_params(raw, qt, tuple(shape))
     if qt == T.Q8_0:
         u.bitwise_xor_(0x80)  # int8 q -> u = q + 128 in 0..255
         offset = 128
