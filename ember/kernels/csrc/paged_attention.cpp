@@ -102,7 +102,36 @@ inline void transpose_tile(const T* kpool, const int64_t* slots, int64_t nk, int
 struct Scratch {
   std::vector<float> scores, acc, vt;
   std::vector<int64_t> slots, offsets;
+  std::vector<const float*> pq;  // score phase: each active (row, head) pair's query ...
+  std::vector<float*> ps;        // ... where its scores for the tile go ...
+  std::vector<__mmask16> pm;     // ... and which of the tile's lanes are its keys
 };
+
+constexpr int SCORE_CHAINS = 8;
+
+// N (row, head) pairs' scores for one tile of 16 keys (kt[dim][key], float32): pair i's lane j is
+// scale * sum_dim q_i[dim] * key_j[dim], one FMA chain over the dimensions in order per pair - N independent
+// chains hide the FMA latency, and a pair's result does not depend on N or on its place in the block.
+template <int N, int DC>
+inline void score_block(const float (*kt)[16], const float* const* pq, float* const* ps, const __mmask16* pm,
+                        float scale) {
+  constexpr int d = 16 * DC;
+  const float* q[N];
+  __m512 acc[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    q[i] = pq[i];
+    acc[i] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int dd = 0; dd < d; ++dd) {
+    const __m512 kd = _mm512_load_ps(kt[dd]);
+#pragma GCC unroll 8
+    for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][dd]), kd, acc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) _mm512_mask_storeu_ps(ps[i], pm[i], _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+}
 
 constexpr int64_t TILE = 64;  // keys per value tile (its values stay in L1 while every row of the group reads them)
 
@@ -114,6 +143,38 @@ constexpr int64_t TILE = 64;  // keys per value tile (its values stay in L1 whil
 // Each (row, head)'s arithmetic is the same whatever the other rows are: its scores in key order, its softmax
 // over its own keys (vector chunks aligned to its own first key), its values accumulated in key order (the
 // tiles only interrupt the sequence with an exact store and reload of the accumulators).
+// N heads of one row accumulate the values of keys [a, b) (vt[p * dv ...]: key p's values, float32) into
+// their running sums acc[i] (float32 [dv]) with their weights s[i][p]: one FMA chain per 16 value dimensions
+// per head, over the keys in order - N * VC independent chains, and a head's sums do not depend on N.
+template <int N, int VC>
+inline void value_block(const float* vt, const float* const* s, float* const* acc_out, int64_t a, int64_t b) {
+  constexpr int dv = 16 * VC;
+  const float* w[N];
+  __m512 acc[N][VC];
+#pragma GCC unroll 4
+  for (int i = 0; i < N; ++i) {
+    w[i] = s[i];
+#pragma GCC unroll 16
+    for (int c = 0; c < VC; ++c) acc[i][c] = _mm512_loadu_ps(acc_out[i] + 16 * c);
+  }
+  for (int64_t p = a; p < b; ++p) {
+    const float* v = vt + p * dv;
+    __m512 vv[VC];
+#pragma GCC unroll 16
+    for (int c = 0; c < VC; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) {
+      const __m512 wi = _mm512_set1_ps(w[i][p]);
+#pragma GCC unroll 16
+      for (int c = 0; c < VC; ++c) acc[i][c] = _mm512_fmadd_ps(wi, vv[c], acc[i][c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < N; ++i)
+#pragma GCC unroll 16
+    for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc_out[i] + 16 * c, acc[i][c]);
+}
+
 template <typename T, int DC, int VC>
 void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len, int64_t R, int64_t H,
                const T* kpool, const T* vpool, const int64_t* table, int64_t bs, const int64_t* strides,
@@ -129,6 +190,9 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
   }
   const int64_t U = hi_all - lo_all;
   sc.scores.resize(static_cast<size_t>(sc.offsets[R]));
+  sc.pq.resize(static_cast<size_t>(R * group));
+  sc.ps.resize(static_cast<size_t>(R * group));
+  sc.pm.resize(static_cast<size_t>(R * group));
   // strides: K slot, K head, V slot, V head (elements); pools may be slot-major (paged) or head-major (KVCache)
   const int64_t kstride = strides[0], vstride = strides[2];
   kpool += kvh * strides[1];
@@ -151,25 +215,35 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
       if (i + PREFETCH < U) prefetch_row<T>(kpool + slots[i + PREFETCH] * kstride, d);
     }
     transpose_tile<T, DC>(kpool, slots + (t - lo_all), nk, kstride, kt);
+    // The (row, head) pairs that have keys in this tile, in blocks of SCORE_CHAINS: that many independent
+    // accumulator chains hide the FMA latency (one row's `group` heads alone are too few). Each pair's lane
+    // arithmetic is its own chain over the dimensions in order, whatever block it lands in.
+    int64_t np = 0;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t a = std::max(t, lo[r]), b = std::min(t + 16, len[r]);
       if (a >= b) continue;
       const __mmask16 m = static_cast<__mmask16>(((1u << (b - t)) - 1) & ~((1u << (a - t)) - 1));
       const int64_t L = len[r] - lo[r];
-      float* sr = sc.scores.data() + sc.offsets[r] + (t - lo[r]);  // lane j -> key t + j (masked lanes unused)
-      const float* qr = q + r * H * d;
-      // heads in blocks of 4: independent accumulator chains to hide the FMA latency
-      for (int64_t g0 = 0; g0 < group; g0 += 4) {
-        const int64_t ng = std::min<int64_t>(4, group - g0);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t dd = 0; dd < d; ++dd) {
-          const __m512 kd = _mm512_load_ps(kt[dd]);
-#pragma GCC unroll 4
-          for (int gg = 0; gg < 4; ++gg)
-            if (gg < ng) acc[gg] = _mm512_fmadd_ps(_mm512_set1_ps(qr[(g0 + gg) * d + dd]), kd, acc[gg]);
-        }
-        for (int64_t gg = 0; gg < ng; ++gg)
-          _mm512_mask_storeu_ps(sr + (g0 + gg) * L, m, _mm512_mul_ps(acc[gg], _mm512_set1_ps(scale)));
+      for (int64_t g = 0; g < group; ++g) {
+        sc.pq[np] = q + r * H * d + g * d;
+        sc.ps[np] = sc.scores.data() + sc.offsets[r] + g * L + (t - lo[r]);  // lane j -> key t + j
+        sc.pm[np] = m;
+        ++np;
+      }
+    }
+    for (int64_t p0 = 0; p0 < np; p0 += SCORE_CHAINS) {
+      const float* const* pq = sc.pq.data() + p0;
+      float* const* ps = sc.ps.data() + p0;
+      const __mmask16* pm = sc.pm.data() + p0;
+      switch (std::min<int64_t>(SCORE_CHAINS, np - p0)) {
+        case 1: score_block<1, DC>(kt, pq, ps, pm, scale); break;
+        case 2: score_block<2, DC>(kt, pq, ps, pm, scale); break;
+        case 3: score_block<3, DC>(kt, pq, ps, pm, scale); break;
+        case 4: score_block<4, DC>(kt, pq, ps, pm, scale); break;
+        case 5: score_block<5, DC>(kt, pq, ps, pm, scale); break;
+        case 6: score_block<6, DC>(kt, pq, ps, pm, scale); break;
+        case 7: score_block<7, DC>(kt, pq, ps, pm, scale); break;
+        default: score_block<8, DC>(kt, pq, ps, pm, scale); break;
       }
     }
   }
@@ -213,20 +287,32 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
       const int64_t a = std::max(t0, lo[r]), b = std::min(t1, len[r]);
       if (a >= b) continue;
       const int64_t L = len[r] - lo[r];
-      for (int64_t g = 0; g < group; ++g) {
-        const float* s = sc.scores.data() + sc.offsets[r] + g * L - lo[r];  // s[p]: weight of key p
-        float* ap = sc.acc.data() + (r * group + g) * dv;
-        __m512 acc[VC];
-#pragma GCC unroll 16
-        for (int c = 0; c < VC; ++c) acc[c] = _mm512_loadu_ps(ap + 16 * c);
-        for (int64_t p = a; p < b; ++p) {
-          const float* v = vt + (p - t0) * dv;
-          const __m512 w = _mm512_set1_ps(s[p]);
-#pragma GCC unroll 16
-          for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
+      // the row's heads HB at a time: HB * VC independent accumulator chains (each head's values still
+      // summed in key order, one chain per 16 value dimensions)
+      constexpr int HB = VC >= 16 ? 1 : 16 / VC;
+      for (int64_t g0 = 0; g0 < group; g0 += HB) {
+        const float* s[HB];
+        float* ap[HB];
+        const int64_t nh = std::min<int64_t>(HB, group - g0);
+        for (int64_t h = 0; h < nh; ++h) {
+          s[h] = sc.scores.data() + sc.offsets[r] + (g0 + h) * L - lo[r];  // s[h][p]: weight of key p
+          ap[h] = sc.acc.data() + (r * group + g0 + h) * dv;
         }
-#pragma GCC unroll 16
-        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(ap + 16 * c, acc[c]);
+        switch (nh) {
+          case 1: value_block<1, VC>(vt - t0 * dv, s, ap, a, b); break;
+          case 2: if constexpr (HB >= 2) value_block<2, VC>(vt - t0 * dv, s, ap, a, b); break;
+          case 3: if constexpr (HB >= 3) value_block<3, VC>(vt - t0 * dv, s, ap, a, b); break;
+          case 4: if constexpr (HB >= 4) value_block<4, VC>(vt - t0 * dv, s, ap, a, b); break;
+          default: if constexpr (HB >= 8) {
+            for (int64_t h = 0; h < nh; h += 4)  // HB 8 (16-wide heads): at most two blocks of four
+              switch (std::min<int64_t>(4, nh - h)) {
+                case 1: value_block<1, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
+                case 2: value_block<2, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
+                case 3: value_block<3, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
+                default: value_block<4, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
+              }
+          }
+        }
       }
     }
   }
@@ -253,12 +339,24 @@ void run_rows(const float* qp, const T* kp, const T* vp, const int64_t* tp, cons
   const int64_t G = static_cast<int64_t>(starts.size()) - 1;
   std::vector<int64_t> lo(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) lo[b] = window > 0 ? std::max<int64_t>(0, lp[b] - window) : 0;
-  at::parallel_for(0, G * hkv, 1, [&](int64_t w0, int64_t w1) {
+  // Work items: (group, kv head, slice of the group's rows). A verification's rows are sliced so that both
+  // threads get work when there are fewer (group, kv head) pairs than threads can balance; a slice re-reads
+  // the keys, so slices stay as large as the balance allows. Slicing never changes a row's arithmetic.
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = G * hkv >= 2 * threads ? 1 : (2 * threads + G * hkv - 1) / (G * hkv);
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> items;  // (kv head, first row, end row)
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t b0 = starts[gi], b1 = starts[gi + 1], n = b1 - b0;
+    const int64_t slices = std::min(n, want), per = (n + slices - 1) / slices;
+    for (int64_t kvh = 0; kvh < hkv; ++kvh)
+      for (int64_t r = b0; r < b1; r += per) items.emplace_back(kvh, r, std::min(b1, r + per));
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
     Scratch sc;
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t gi = w / hkv, kvh = w % hkv, b = starts[gi];
+      const auto [kvh, b, e] = items[static_cast<size_t>(w)];
       rows_head<T, DC, VC>(qp + (b * H + kvh * group) * 16 * DC, op + (b * H + kvh * group) * 16 * VC,
-                           lo.data() + b, lp + b, starts[gi + 1] - b, H, kp, vp, tp + b * width, bs, strides, kvh,
+                           lo.data() + b, lp + b, e - b, H, kp, vp, tp + b * width, bs, strides, kvh,
                            group, scale, sc);
     }
   });
