@@ -5,8 +5,12 @@
     python3 benchmarks/speculative.py --workloads lookup    # just prompt lookup on SmolLM2
 
 Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty 1.1 unless --repeat-penalty):
-  lookup   SmolLM2-135M Q4_1, a ~1000-token document (tests/fixtures/gpl3.txt) and "Summarize the following
-           document."; prompt lookup (ngram) vs plain decoding.
+  lookup   SmolLM2-135M Q4_1, the first 1000 tokens of a document and "Summarize the following document.";
+           prompt lookup (ngram) vs plain decoding. --documents picks them (default gpl3; `all` for six):
+           gpl3 (tests/fixtures/gpl3.txt), apache and mpl (license texts in benchmarks/documents/), and
+           pydoc-json, pydoc-heapq, pydoc-textwrap (Python's own documentation of those modules, rendered by
+           pydoc in this process). With several documents a row per document and a total row (all tokens over
+           all time, per side).
   lowbit   SmolLM2 drafted by a Q2_K requantization of itself (`ember quantize ... Q2_K --allow-requantize`,
            cached under ~/.cache/ember/speculative).
   synth1b  the synthetic 1B Q4_K_M model (benchmarks/synthetic_models.py) drafted by a synthetic 4-layer
@@ -34,8 +38,24 @@ import ember  # noqa: E402
 CACHE = Path.home() / ".cache" / "ember" / "speculative"
 
 
-def lookup_prompt(model: "ember.Model", n_tokens: int = 1000) -> list[int]:
-    text = (ROOT / "tests" / "fixtures" / "gpl3.txt").read_text()
+DOCUMENTS = ("gpl3", "apache", "mpl", "pydoc-json", "pydoc-heapq", "pydoc-textwrap")
+
+
+def document(name: str) -> str:
+    if name == "gpl3":
+        return (ROOT / "tests" / "fixtures" / "gpl3.txt").read_text()
+    if name in ("apache", "mpl"):
+        return (ROOT / "benchmarks" / "documents" / f"{name}-2.0.txt").read_text()
+    if name.startswith("pydoc-"):
+        import importlib
+        import pydoc
+
+        return pydoc.render_doc(importlib.import_module(name[len("pydoc-"):]), renderer=pydoc.plaintext)
+    raise SystemExit(f"unknown document {name!r}; choose from {', '.join(DOCUMENTS)}")
+
+
+def lookup_prompt(model: "ember.Model", n_tokens: int = 1000, doc: str = "gpl3") -> list[int]:
+    text = document(doc)
     ids = model.tokenizer.encode(text, add_special=False)
     doc = model.tokenizer.decode(ids[:n_tokens])
     msgs = [{"role": "user", "content": "Summarize the following document.\n\n" + doc}]
@@ -69,6 +89,10 @@ def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int]
     steps = sum(r["steps"] for r in fast)
     return {
         "workload": name,
+        "plain_seconds": sum(r["generated"] / r["rate"] for r in base),
+        "spec_seconds": sum(r["generated"] / r["rate"] for r in fast),
+        "tokens": sum(r["generated"] for r in base),
+        "drafted": drafted, "accepted": accepted, "steps": steps,
         "prompt_tokens": len(ids),
         "generated": fast[-1]["generated"],
         "plain_tps": statistics.mean(b), "plain_sd": statistics.pstdev(b),
@@ -107,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", nargs="+", default=["lookup", "lowbit", "synth1b"],
                     choices=["lookup", "lowbit", "synth1b"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--documents", nargs="+", default=["gpl3"], help=f"lookup documents: {', '.join(DOCUMENTS)} or all")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeat-penalty", type=float, default=None,
@@ -117,11 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         SAMPLING["repeat_penalty"] = args.repeat_penalty
     results = []
     t0 = time.time()
+    docs = list(DOCUMENTS) if args.documents == ["all"] else args.documents
     for w in args.workloads:
         if w == "lookup":
             plain, spec = ember.load("smollm2"), ember.load("smollm2", speculative="ngram")
-            ids = lookup_prompt(plain)
-        elif w == "lowbit":
+            for doc in docs:
+                r = compare(f"lookup {doc}", plain, spec, lookup_prompt(plain, doc=doc), args.tokens, args.repeats)
+                results.append(r)
+            if len(docs) > 1:
+                part = results[-len(docs):]
+                total = {k: sum(r[k] for r in part) for k in ("plain_seconds", "spec_seconds", "tokens", "drafted",
+                                                              "accepted", "steps")}
+                results.append({
+                    "workload": "lookup, all documents", "prompt_tokens": "-", "generated": "-",
+                    "plain_tps": total["tokens"] / total["plain_seconds"], "plain_sd": 0.0,
+                    "spec_tps": total["tokens"] / total["spec_seconds"], "spec_sd": 0.0,
+                    "speedup": total["plain_seconds"] / total["spec_seconds"],
+                    "acceptance": total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
+                    "tokens_per_step": (total["accepted"] + total["steps"]) / total["steps"] if total["steps"] else 0,
+                    "identical": all(r["identical"] for r in part), **total})
+            plain.close()
+            spec.close()
+            continue
+        if w == "lowbit":
             plain, spec = ember.load("smollm2"), ember.load("smollm2", draft=lowbit_draft())
             ids = lookup_prompt(plain, 200)
         else:

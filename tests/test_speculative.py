@@ -20,7 +20,7 @@ from ember.engine.generator import GenerationOptions
 from ember.engine.sampler import BatchParams, SamplingParams, target_distribution
 from ember.engine.scheduler import Scheduler, SchedulerConfig
 from ember.engine.sequence import Sequence
-from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.engine.speculative import MATCH_PRIOR, MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept
 from ember.errors import InvalidParameterError
 from engine_helpers import run_all as run_engine
 from tiny_models import write_tiny_model
@@ -105,6 +105,50 @@ def test_speculation_stops_when_measured_cost_says_it_does_not_pay():
         fast.record(2, 1)
         fast.record_cost(1.6)  # 1.25 tokens per plain-step time: keep going
     assert fast.next_length() > 0
+
+
+def test_ngram_match_reports_the_matched_length():
+    idx = NgramIndex(1, 6)
+    idx.extend([1, 2, 3, 4, 9, 9, 2, 3, 4, 7, 3, 4])
+    # (3, 4) is the longest suffix seen before; its latest earlier occurrence ends at index 9 (then 7, 3, 4)
+    assert idx.match(2) == ([7, 3], 2)
+    idx.extend([7, 3])
+    # (3, 4, 7, 3) occurred at 7..10: four tokens of match, followed by what follows it up to now
+    assert idx.match(5) == ([4, 7, 3], 4)
+    idx.extend([5])
+    assert idx.match(3) == ([], 0)
+
+
+def test_match_acceptance_learns_per_match_length_and_gates_drafts():
+    a = MatchAcceptance()
+    assert a.probability(1) == pytest.approx(MATCH_PRIOR[0])
+    assert a.probability(50) == pytest.approx(MATCH_PRIOR[-1])  # long matches share the last bucket
+    # Under the prior a long match is worth drafting deep, a one-token match only one token.
+    assert a.keep(12, 8, 0.2) == 8
+    assert a.keep(1, 8, 0.2) == 1
+    assert a.keep(12, 3, 0.2) == 3  # never more than the proposal holds
+    # This request's short copies keep failing: drafting from one-token matches stops ...
+    for _ in range(10):
+        a.record(1, 1, 0)
+    assert a.probability(1) < 0.1 and a.keep(1, 8, 0.2) == 0
+    # ... while long matches that are accepted keep their depth.
+    for _ in range(10):
+        a.record(12, 8, 8)
+    assert a.keep(12, 8, 0.2) == 8
+    # A token rejected at depth j counts against length + j only; the tokens after it are not evidence.
+    b = MatchAcceptance()
+    b.record(3, 5, 1)  # token 0 (after a 3-match) accepted, token 1 (after a 4-match) rejected
+    assert b.probability(3) > MATCH_PRIOR[2] and b.probability(4) < MATCH_PRIOR[3]
+    assert b.probability(5) == pytest.approx(MATCH_PRIOR[4])
+
+
+def test_gated_policy_does_not_pause():
+    s = Speculation(8, gated=True)
+    assert s.next_length() == 8
+    for _ in range(10):  # misses and poor measured cost: the gate, not a pause, cuts the drafts
+        s.record(3, 0)
+        s.record_cost(3.0)
+    assert s.next_length() == 8
 
 
 def test_config_validation():

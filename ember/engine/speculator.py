@@ -18,15 +18,20 @@ from ember.engine.draft import DraftProposer
 from ember.engine.sampler import BatchParams, Sampler, penalty_windows, target_distribution
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
-from ember.engine.speculative import NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.engine.speculative import MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept
+
+ROW_COST_PRIOR = 0.1  # a verification row's cost as a fraction of a plain step, until measured (SmolLM2, 1k ctx)
 
 
 class RequestSpeculation:
-    """One request's speculation state: its policy and, for prompt lookup, its n-gram index."""
+    """One request's speculation state: its policy and, for prompt lookup, its n-gram index, how often its
+    copies are accepted, and the match length behind the draft being verified."""
 
     def __init__(self, policy: Speculation, ngram: Optional[NgramIndex]) -> None:
         self.policy = policy
         self.ngram = ngram
+        self.acceptance = MatchAcceptance() if ngram is not None else None
+        self.match_length = 0
 
 
 class Speculator:
@@ -37,6 +42,7 @@ class Speculator:
         self.drafted = self.accepted = self.steps = self.emitted = 0
         # The cost check's reference: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
         self._plain_step: dict[int, float] = {}
+        self._row_cost = ROW_COST_PRIOR  # EMA: one verification row's seconds / a plain step's
         self._propose_seconds = 0.0
 
     def for_request(self, draft_num_predict: Optional[int], constrained: bool) -> Optional[RequestSpeculation]:
@@ -47,7 +53,16 @@ class Speculator:
         if not cfg.enabled or n < 1 or constrained:
             return None
         ngram = NgramIndex(cfg.ngram_min, cfg.ngram_max) if cfg.method == "ngram" else None
-        return RequestSpeculation(Speculation(n, cfg.adaptive), ngram)
+        return RequestSpeculation(Speculation(n, cfg.adaptive, gated=ngram is not None and cfg.adaptive), ngram)
+
+    @property
+    def threshold(self) -> float:
+        """The least probability of acceptance for which a draft token is worth a verification row.
+
+        A row costs `row_cost` plain steps and yields its token with probability p; speculation runs at some
+        rate g > 1 tokens per plain-step time, so the row pays when p / row_cost > g. g = 2 is the rate this
+        aims at (and roughly what copied text gives); the row cost is measured (see account)."""
+        return min(0.9, max(0.02, 2.0 * self._row_cost))
 
     def propose(self, running: SequenceT[Sequence], states: dict[int, tuple[RequestSpeculation, Sampler]]) -> None:
         """Set draft tokens on the sequences of `running` that speculate (`states`: seq id -> its state and
@@ -65,7 +80,10 @@ class Speculator:
                 continue
             if spec.ngram is not None:
                 spec.ngram.sync(seq.token_ids)
-                seq.draft_token_ids = spec.ngram.propose(k)
+                tokens, spec.match_length = spec.ngram.match(k)
+                if spec.policy.adaptive and spec.acceptance is not None:
+                    tokens = tokens[: spec.acceptance.keep(spec.match_length, len(tokens), self.threshold)]
+                seq.draft_token_ids = tokens
             else:
                 wants.append((seq, k, sampler.params))
         if wants and self.draft is not None:
@@ -91,6 +109,8 @@ class Speculator:
             probs = target_distribution(rows, bp, window)
         tokens = accept(probs, drafts, None if p.greedy else sampler.generator)
         spec.policy.record(len(drafts), len(tokens) - 1)
+        if spec.acceptance is not None:
+            spec.acceptance.record(spec.match_length, len(drafts), len(tokens) - 1)
         self.drafted += len(drafts)
         self.accepted += len(tokens) - 1
         self.steps += 1
@@ -111,6 +131,9 @@ class Speculator:
         plain = self._plain_step.get(n)
         if plain:
             relative = (seconds + self._propose_seconds) / plain
+            rows = sum(len(e.draft) for e in drafted)
+            row_cost = min(1.0, max(0.0, (relative - 1.0) / rows))
+            self._row_cost = 0.9 * self._row_cost + 0.1 * row_cost
             for e in drafted:
                 spec = states.get(e.seq.seq_id)
                 if spec is not None:
