@@ -151,6 +151,26 @@ def test_gated_policy_does_not_pause():
     assert s.next_length() == 8
 
 
+def test_draft_length_follows_expected_yield_per_cost():
+    s = Speculation(8)
+    # alpha 0.6 (prior), cheap rows and a free draft: long drafts pay; a draft pass costing a plain step: none
+    assert s.plan(0.05, 0.0) >= 4
+    assert s.plan(0.05, 1.0) == 0
+    for _ in range(20):  # every draft accepted: deeper drafts pay even at a moderate draft cost
+        s.record(4, 4)
+    assert s.acceptance_estimate() > 0.9
+    assert s.plan(0.05, 0.1) == 8
+    for _ in range(60):  # nothing accepted (the old successes decay away): no length pays
+        s.record(2, 0)
+    assert s.plan(0.05, 0.1) == 0
+    # next_length with costs: pauses when nothing pays, then probes once with the adaptive length
+    assert s.next_length(0.05, 0.1) == 0
+    paused = 0
+    while (k := s.next_length(0.05, 0.1)) == 0:
+        paused += 1
+    assert paused >= 8 and k == s.length
+
+
 def test_config_validation():
     with pytest.raises(InvalidParameterError):
         SpeculativeConfig(method="lookahead")

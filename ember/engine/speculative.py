@@ -149,6 +149,10 @@ class MatchAcceptance:
             self._accepted[b] += j < accepted
 
 
+ALPHA_PRIOR, ALPHA_PRIOR_WEIGHT = 0.6, 2.0  # draft acceptance before evidence, worth 2 observations
+ALPHA_DECAY = 0.9  # per verification step: acceptance_estimate follows the last ~10 steps
+
+
 class Speculation:
     """One request's speculation policy and counters.
 
@@ -182,13 +186,49 @@ class Speculation:
         self._gain: float | None = None  # EMA of tokens emitted per plain-step-equivalent of time
         self._costed = 0
         self._last_emitted = 0
+        self._probe = False
+        # decayed counts of accepted drafts and of steps that rejected one (acceptance_estimate)
+        self._acc_recent = 0.0
+        self._rej_recent = 0.0
 
-    def next_length(self) -> int:
-        """Tokens to draft for the next step (0: decode plainly this step)."""
+    def next_length(self, row_cost: float | None = None, draft_cost: float | None = None) -> int:
+        """Tokens to draft for the next step (0: decode plainly this step).
+
+        With measured costs (a draft model's: both relative to a plain decode step, see plan) the length is
+        the one with the best expected yield per time, and speculation pauses when no length beats plain
+        decoding; the first step after a pause probes with the adaptive length to measure again."""
         if self._pause > 0:
             self._pause -= 1
+            self._probe = self._pause == 0
             return 0
-        return self.length
+        if self._probe or not self.adaptive or self.gated or row_cost is None or draft_cost is None:
+            self._probe = False
+            return self.length
+        k = self.plan(row_cost, draft_cost)
+        if k == 0:
+            self._back_off()
+        return k
+
+    def acceptance_estimate(self) -> float:
+        """alpha: the chance that a draft is accepted once the ones before it were (recent steps weigh more)."""
+        return (self._acc_recent + ALPHA_PRIOR_WEIGHT * ALPHA_PRIOR) / (
+            self._acc_recent + self._rej_recent + ALPHA_PRIOR_WEIGHT)
+
+    def plan(self, row_cost: float, draft_cost: float) -> int:
+        """The draft length k maximizing expected tokens per unit of time, 0 when none beats plain decoding.
+
+        A step drafting k tokens costs 1 + k * (row_cost + draft_cost) plain steps (a verification row each, a
+        draft pass each) and emits 1 + alpha + ... + alpha^k tokens on average (Leviathan et al. 2023's
+        expected yield, alpha from acceptance_estimate); plain decoding yields 1 token per 1."""
+        alpha = self.acceptance_estimate()
+        best_k, best = 0, 1.0
+        emitted = 1.0
+        for k in range(1, self.max_tokens + 1):
+            emitted += alpha ** k
+            rate = emitted / (1.0 + k * (row_cost + draft_cost))
+            if rate > best:
+                best_k, best = k, rate
+        return best_k
 
     def _back_off(self) -> None:
         self._pause, self._cooldown, self._misses = self._cooldown, min(self._cooldown * 2, 256), 0
@@ -202,6 +242,8 @@ class Speculation:
         self.steps += 1
         self.emitted += accepted + 1
         self._last_emitted = accepted + 1
+        self._acc_recent = ALPHA_DECAY * self._acc_recent + accepted
+        self._rej_recent = ALPHA_DECAY * self._rej_recent + (accepted < drafted)
         if not self.adaptive or self.gated:
             return
         if accepted == drafted:

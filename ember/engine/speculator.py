@@ -43,7 +43,10 @@ class Speculator:
         # The cost check's reference: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
         self._plain_step: dict[int, float] = {}
         self._row_cost = ROW_COST_PRIOR  # EMA: one verification row's seconds / a plain step's
+        self._draft_cost: Optional[float] = None  # EMA: one draft-model pass's seconds / a plain step's
         self._propose_seconds = 0.0
+        self._draft_seconds = 0.0
+        self._draft_passes = 0
 
     def for_request(self, draft_num_predict: Optional[int], constrained: bool) -> Optional[RequestSpeculation]:
         """The state of a new request, or None when it does not speculate (engine setting, draft_num_predict 0,
@@ -75,7 +78,8 @@ class Speculator:
                 continue
             spec, sampler = entry
             # Drafts past max_tokens would be cut anyway: the last token always comes from verification.
-            k = min(spec.policy.next_length(), seq.max_tokens - seq.num_output_tokens - 1)
+            costs = (self._row_cost, self._draft_cost) if spec.ngram is None else (None, None)
+            k = min(spec.policy.next_length(*costs), seq.max_tokens - seq.num_output_tokens - 1)
             if k < 1:
                 continue
             if spec.ngram is not None:
@@ -86,8 +90,12 @@ class Speculator:
                 seq.draft_token_ids = tokens
             else:
                 wants.append((seq, k, sampler.params))
+        self._draft_seconds, self._draft_passes = 0.0, 0
         if wants and self.draft is not None:
+            t1 = time.perf_counter()
             drafts = self.draft.propose(wants)
+            self._draft_seconds = time.perf_counter() - t1
+            self._draft_passes = max(k for _, k, _ in wants)
             for seq, _, _ in wants:
                 seq.draft_token_ids = drafts.get(seq.seq_id, [])
         self._propose_seconds = time.perf_counter() - t0
@@ -118,8 +126,10 @@ class Speculator:
         return tokens
 
     def account(self, batch: ScheduledBatch, seconds: float, states: dict[int, RequestSpeculation]) -> None:
-        """Feed the cost check: how long verification steps take relative to plain decode steps of the same
-        number of sequences (only all-decode batches compare; prefill chunks would skew both)."""
+        """Feed the cost model: how long verification rows and draft passes take relative to a plain decode
+        step of the same number of sequences (only all-decode batches compare; prefill chunks would skew
+        both). Before any plain step of that size was timed, the verification step itself stands in for one
+        (its rows discounted at the current row cost), so a draft model's cost is known from its first step."""
         if any(e.is_prefill for e in batch.scheduled):
             return
         n = len(batch.scheduled)
@@ -128,12 +138,17 @@ class Speculator:
             old = self._plain_step.get(n)
             self._plain_step[n] = seconds if old is None else 0.8 * old + 0.2 * seconds
             return
+        rows = sum(len(e.draft) for e in drafted)
         plain = self._plain_step.get(n)
         if plain:
+            self._row_cost = 0.9 * self._row_cost + 0.1 * min(1.0, max(0.0, (seconds / plain - 1.0) / rows))
+        reference = plain or seconds / (1.0 + rows * self._row_cost)
+        if self._draft_passes:
+            draft_cost = self._draft_seconds / reference / self._draft_passes
+            old_cost = self._draft_cost
+            self._draft_cost = draft_cost if old_cost is None else 0.7 * old_cost + 0.3 * draft_cost
+        if plain:
             relative = (seconds + self._propose_seconds) / plain
-            rows = sum(len(e.draft) for e in drafted)
-            row_cost = min(1.0, max(0.0, (relative - 1.0) / rows))
-            self._row_cost = 0.9 * self._row_cost + 0.1 * row_cost
             for e in drafted:
                 spec = states.get(e.seq.seq_id)
                 if spec is not None:
