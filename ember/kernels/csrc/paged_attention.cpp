@@ -143,38 +143,6 @@ constexpr int64_t TILE = 64;  // keys per value tile (its values stay in L1 whil
 // Each (row, head)'s arithmetic is the same whatever the other rows are: its scores in key order, its softmax
 // over its own keys (vector chunks aligned to its own first key), its values accumulated in key order (the
 // tiles only interrupt the sequence with an exact store and reload of the accumulators).
-// N heads of one row accumulate the values of keys [a, b) (vt[p * dv ...]: key p's values, float32) into
-// their running sums acc[i] (float32 [dv]) with their weights s[i][p]: one FMA chain per 16 value dimensions
-// per head, over the keys in order - N * VC independent chains, and a head's sums do not depend on N.
-template <int N, int VC>
-inline void value_block(const float* vt, const float* const* s, float* const* acc_out, int64_t a, int64_t b) {
-  constexpr int dv = 16 * VC;
-  const float* w[N];
-  __m512 acc[N][VC];
-#pragma GCC unroll 4
-  for (int i = 0; i < N; ++i) {
-    w[i] = s[i];
-#pragma GCC unroll 16
-    for (int c = 0; c < VC; ++c) acc[i][c] = _mm512_loadu_ps(acc_out[i] + 16 * c);
-  }
-  for (int64_t p = a; p < b; ++p) {
-    const float* v = vt + p * dv;
-    __m512 vv[VC];
-#pragma GCC unroll 16
-    for (int c = 0; c < VC; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
-#pragma GCC unroll 4
-    for (int i = 0; i < N; ++i) {
-      const __m512 wi = _mm512_set1_ps(w[i][p]);
-#pragma GCC unroll 16
-      for (int c = 0; c < VC; ++c) acc[i][c] = _mm512_fmadd_ps(wi, vv[c], acc[i][c]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < N; ++i)
-#pragma GCC unroll 16
-    for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc_out[i] + 16 * c, acc[i][c]);
-}
-
 template <typename T, int DC, int VC>
 void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len, int64_t R, int64_t H,
                const T* kpool, const T* vpool, const int64_t* table, int64_t bs, const int64_t* strides,
@@ -287,32 +255,20 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
       const int64_t a = std::max(t0, lo[r]), b = std::min(t1, len[r]);
       if (a >= b) continue;
       const int64_t L = len[r] - lo[r];
-      // the row's heads HB at a time: HB * VC independent accumulator chains (each head's values still
-      // summed in key order, one chain per 16 value dimensions)
-      constexpr int HB = VC >= 16 ? 1 : 16 / VC;
-      for (int64_t g0 = 0; g0 < group; g0 += HB) {
-        const float* s[HB];
-        float* ap[HB];
-        const int64_t nh = std::min<int64_t>(HB, group - g0);
-        for (int64_t h = 0; h < nh; ++h) {
-          s[h] = sc.scores.data() + sc.offsets[r] + (g0 + h) * L - lo[r];  // s[h][p]: weight of key p
-          ap[h] = sc.acc.data() + (r * group + g0 + h) * dv;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* s = sc.scores.data() + sc.offsets[r] + g * L - lo[r];  // s[p]: weight of key p
+        float* ap = sc.acc.data() + (r * group + g) * dv;
+        __m512 acc[VC];
+#pragma GCC unroll 16
+        for (int c = 0; c < VC; ++c) acc[c] = _mm512_loadu_ps(ap + 16 * c);
+        for (int64_t p = a; p < b; ++p) {
+          const float* v = vt + (p - t0) * dv;
+          const __m512 w = _mm512_set1_ps(s[p]);
+#pragma GCC unroll 16
+          for (int c = 0; c < VC; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), acc[c]);
         }
-        switch (nh) {
-          case 1: value_block<1, VC>(vt - t0 * dv, s, ap, a, b); break;
-          case 2: if constexpr (HB >= 2) value_block<2, VC>(vt - t0 * dv, s, ap, a, b); break;
-          case 3: if constexpr (HB >= 3) value_block<3, VC>(vt - t0 * dv, s, ap, a, b); break;
-          case 4: if constexpr (HB >= 4) value_block<4, VC>(vt - t0 * dv, s, ap, a, b); break;
-          default: if constexpr (HB >= 8) {
-            for (int64_t h = 0; h < nh; h += 4)  // HB 8 (16-wide heads): at most two blocks of four
-              switch (std::min<int64_t>(4, nh - h)) {
-                case 1: value_block<1, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
-                case 2: value_block<2, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
-                case 3: value_block<3, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
-                default: value_block<4, VC>(vt - t0 * dv, s + h, ap + h, a, b); break;
-              }
-          }
-        }
+#pragma GCC unroll 16
+        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(ap + 16 * c, acc[c]);
       }
     }
   }
