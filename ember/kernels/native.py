@@ -1,7 +1,7 @@
 """Ember's native CPU kernels (ember/kernels/csrc), compiled on first use and loaded into this process.
 
 The kernels are AVX-512 VNNI code (qdot.cpp: quantized matmul; paged_attention.cpp: decode attention through
-block tables). torch.utils.cpp_extension builds them once per machine and source version (cached under
+block tables; glue.cpp: RMS norm, residual add and gated activation between the matmuls). torch.utils.cpp_extension builds them once per machine and source version (cached under
 ~/.cache/torch_extensions, ~30 s) with OpenMP through torch's own libgomp, so they share torch's thread pool.
 
 `extension()` is None where they cannot run - a CPU without AVX-512 VNNI, no C++ compiler, a non-Linux
@@ -10,12 +10,14 @@ system, or EMBER_NATIVE=0 - and every caller then keeps torch's own kernels (the
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "module.cpp", CSRC / "qdot.cpp", CSRC / "paged_attention.cpp")
+SOURCES = (CSRC / "module.cpp", CSRC / "qdot.cpp", CSRC / "paged_attention.cpp", CSRC / "glue.cpp")
+HEADERS = (CSRC / "simd.h",)
 # Exact prefill (default; EMBER_EXACT_PREFILL=0 turns it off): every prompt row is computed like a decode row -
 # the qdot kernel and one attention row each - so a token's logits depend only on the tokens before it, never
 # on the batch, the chunking or the prefix cache: greedy output alone and in any batch is the same text. Costs
@@ -62,7 +64,7 @@ def extension():
             name="ember_native",
             sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c",
-                          "-mfma", "-ffp-contract=off", "-fopenmp"],
+                          "-mfma", "-ffp-contract=off", "-fopenmp", f"-DEMBER_HEADERS={_headers_digest()}"],
             # at::parallel_for is OpenMP inside torch's headers: without -fopenmp it would run on one thread.
             # libgomp is found by its soname, i.e. the copy torch already loaded: one thread pool per process.
             extra_ldflags=["-fopenmp"],
@@ -72,6 +74,15 @@ def extension():
         print(f"ember: native kernels unavailable ({type(exc).__name__}: {exc}); using torch's kernels",
               file=sys.stderr)
         return None
+
+
+def _headers_digest() -> str:
+    """torch rebuilds an extension when a source file or a build flag changes, not when a header does: the
+    headers' digest goes into the flags."""
+    h = hashlib.sha256()
+    for path in HEADERS:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _say_if_building(cpp_extension) -> None:

@@ -29,8 +29,8 @@ class Gemma3Block:
         self.ffn_norm, self.ffn, self.post_ffn_norm = ffn_norm, ffn, post_ffn_norm
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), positions, cache))
-        return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))
+        x, h = self.ffn_norm.residual(x, self.post_attn_norm(self.attn(self.attn_norm(x), positions, cache)))
+        return x + self.post_ffn_norm(self.ffn(h))
 
 
 def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:

@@ -8,20 +8,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ember.kernels import native
 from ember.kernels.linear import Linear
 from ember.model.config import RopeConfig
 from ember.model.kv_cache import KVCache
 
 
+def _rows(x: torch.Tensor) -> bool:
+    """Whether the native glue kernels take x: float32 [T, n] or [T, H, n] with the last dimension contiguous."""
+    return x.dtype == torch.float32 and x.dim() in (2, 3) and x.stride(-1) == 1
+
+
 class RMSNorm:
     def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight = weight.float()
+        self.weight = weight.float().contiguous()
         self.eps = eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel: one op instead of five (per-op overhead dominates single-token decode);
-        # float32 in and out, same formula x * rsqrt(mean(x^2) + eps) * w.
+        # x * rsqrt(mean(x^2) + eps) * w in float32: ember/kernels/csrc/glue.cpp where the native kernels run
+        # (one call; torch's rms_norm costs 13-40 us a call at decode sizes), else torch's fused kernel.
+        ext = native.extension()
+        if ext is not None and _rows(x):
+            return ext.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def residual(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's residual step: (x + delta, this norm of it), in one native call where possible."""
+        ext = native.extension()
+        if ext is not None and _rows(x) and _rows(delta) and x.dim() == 2 and x.shape == delta.shape:
+            return ext.add_rms_norm(x, delta, self.weight, self.eps)
+        s = x + delta
+        return s, self(s)
 
 
 class Rope:
@@ -122,6 +139,8 @@ class Attention:
 class FeedForward:
     """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up fused into one projection."""
 
+    ACTIVATIONS = ("silu", "gelu_tanh")  # the native gated_act's codes 0 and 1
+
     def __init__(self, gate_up: Linear, down: Linear, activation: str):
         self.gate_up, self.down = gate_up, down
         self.n_ff = down.in_features
@@ -131,7 +150,11 @@ class FeedForward:
             self.act = lambda h: F.gelu(h, approximate="tanh")
         else:
             raise ValueError(f"unknown activation {activation}")
+        self.act_code = self.ACTIVATIONS.index(activation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up(x)
+        ext = native.extension()
+        if ext is not None and _rows(h) and h.dim() == 2:
+            return self.down(ext.gated_act(h, self.n_ff, self.act_code))
         return self.down(self.act(h[:, : self.n_ff]) * h[:, self.n_ff :])

@@ -18,8 +18,8 @@ class LlamaBlock:
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = self.ffn_norm.residual(x, self.attn(self.attn_norm(x), positions, cache))
+        return x + self.ffn(h)
 
 
 def build(config: ModelConfig, w: Weights, n_ctx: int) -> Transformer:

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstring>
 #include <tuple>
@@ -34,25 +36,6 @@ template <>
 inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6
-// Taylor polynomial (relative error < 2e-7 on that range), times 2^n. Below -87 the result flushes to 0.
-inline __m512 exp512(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, ln2_hi));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, ln2_lo));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 constexpr int MAX_GROUP = 16;
@@ -230,7 +213,7 @@ void rows_head(const float* q, float* out, const int64_t* lo, const int64_t* len
       __m512 sumv = _mm512_setzero_ps();
       for (int64_t i = 0; i < L; i += 16) {
         const __mmask16 k = i + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - i)) - 1);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mx));
+        const __m512 e = ember_simd::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), mx));
         _mm512_mask_storeu_ps(s + i, k, e);
         sumv = _mm512_mask_add_ps(sumv, k, sumv, e);
       }
