@@ -6,7 +6,7 @@
 
 Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty 1.1 unless --repeat-penalty):
   lookup   SmolLM2-135M Q4_1, the first 1000 tokens of a document and "Summarize the following document.";
-           prompt lookup (ngram) vs plain decoding. --documents picks them (default gpl3; `all` for six):
+           prompt lookup (ngram) vs plain decoding. --documents picks them (default: all six):
            gpl3 (tests/fixtures/gpl3.txt), apache and mpl (license texts in benchmarks/documents/), and
            pydoc-json, pydoc-heapq, pydoc-textwrap (Python's own documentation of those modules, rendered by
            pydoc in this process). With several documents a row per document and a total row (all tokens over
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", nargs="+", default=["lookup", "lowbit", "synth1b"],
                     choices=["lookup", "lowbit", "synth1b"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--documents", nargs="+", default=["gpl3"], help=f"lookup documents: {', '.join(DOCUMENTS)} or all")
+    ap.add_argument("--documents", nargs="+", default=["all"], help=f"lookup documents: {', '.join(DOCUMENTS)} or all")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeat-penalty", type=float, default=None,
