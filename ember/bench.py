@@ -25,8 +25,7 @@ import torch
 
 from ember.engine.generator import PREFILL_CHUNK
 from ember.engine.paged_cache import BatchLayout, PagedKVCache
-from ember.kernels.linear import Linear
-from ember.model.transformer import Transformer
+from ember.model.transformer import Transformer, linear_layers, weight_bytes_per_token  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -127,41 +126,6 @@ class BenchReport:
         d["tests"] = [t.to_dict() for t in self.tests]
         d["tg_bandwidth_gbs"] = self.tg_bandwidth_gbs
         return d
-
-
-# -- what a forward pass reads -----------------------------------------------------------------------------
-
-def linear_layers(model: Transformer) -> list[Linear]:
-    """Every distinct Linear reachable from the model (blocks, attention, FFN, output), each once."""
-    found: dict[int, Linear] = {}
-    seen: set[int] = set()
-
-    def walk(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > 6:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, Linear):
-            found[id(obj)] = obj
-            return
-        if isinstance(obj, (list, tuple)):
-            for item in obj:
-                walk(item, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, np.ndarray, type)):
-            for value in vars(obj).values():
-                walk(value, depth + 1)
-
-    walk(model.blocks, 0)
-    walk(model.output, 0)
-    return list(found.values())
-
-
-def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: all Linear weights plus one embedding row (the embedding
-    table itself stays in the file and only the looked-up row is touched)."""
-    linear = sum(layer.nbytes for layer in linear_layers(model))
-    rows = getattr(model.embedding, "rows", None)
-    row_bytes = int(rows.shape[1] * rows.itemsize) if rows is not None and rows.ndim == 2 else 0
-    return linear + row_bytes
 
 
 # -- machine facts -----------------------------------------------------------------------------------------

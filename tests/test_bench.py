@@ -140,15 +140,20 @@ def test_synthetic_mix_rule():
 
 def test_speculative_tests_report_acceptance(capsys, tiny):
     """--speculative adds engine generation on a copyable prompt, plain then speculative, with acceptance."""
-    assert bench_cli.main([str(tiny), *ARGS, "-o", "json", "--speculative", "draft", "--draft", str(tiny)]) == 0
+    assert bench_cli.main([str(tiny), *ARGS, "-o", "json", "--speculative", "ngram"]) == 0
     rep = json.loads(capsys.readouterr().out)
     names = [t["name"] for t in rep["tests"]]
-    assert names == ["pp16", "tg8", "sg8 plain", "sg8 draft"]
+    assert names == ["pp16", "tg8", "sg8 plain", "sg8 ngram"]
     plain, spec = rep["tests"][2], rep["tests"][3]
     assert plain["acceptance"] is None and plain["tokens_per_step"] is None
-    # The model drafting for itself: most drafts are accepted (not all: the draft computes its KV in other
-    # chunks than the main model, and a random tiny model is full of near-ties that last bits flip).
-    assert spec["acceptance"] > 0.5 and spec["tokens_per_step"] > 1.5
+    # The prompt repeats a block, so lookup drafts; a random tiny model does not copy it, so few or none are
+    # accepted (tests/test_speculative.py covers acceptance itself) - the report carries the engine's counts.
+    assert 0.0 <= spec["acceptance"] <= 1.0 and spec["tokens_per_step"] >= 1.0
+    # The model drafting for itself costs what it saves: the speculator's cost estimate never runs it.
+    assert bench_cli.main([str(tiny), *ARGS, "-o", "json", "--speculative", "draft", "--draft", str(tiny)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in rep["tests"]][-1] == "sg8 draft"
+    assert rep["tests"][3]["acceptance"] is None and rep["tests"][3]["tokens_per_step"] is None
 
 
 def test_bench_runs_the_engines_paged_path(tiny):

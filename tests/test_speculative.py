@@ -169,6 +169,10 @@ def test_draft_length_follows_expected_yield_per_cost():
     while (k := s.next_length(0.05, 0.1)) == 0:
         paused += 1
     assert paused >= 8 and k == s.length
+    # A draft that costs about a main step: no plan, and no probe either (even accepted drafts would not pay)
+    costly = Speculation(8)
+    assert all(costly.next_length(0.07, 1.1) == 0 for _ in range(600))
+    assert costly.steps == 0
 
 
 def test_config_validation():
@@ -314,8 +318,9 @@ def test_greedy_output_is_identical_to_plain_decoding(tiny, tiny_draft, method):
                                                          speculative=SpeculativeConfig("ngram", 6, ngram_min=1)))
     else:
         draft = m.model if method == "draft-self" else tiny_draft.model
+        # adaptive=False: always draft 5 - a draft as costly as the model itself would (rightly) never be run
         spec = Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=256,
-                                                         speculative=SpeculativeConfig("draft", 5)),
+                                                         speculative=SpeculativeConfig("draft", 5, adaptive=False)),
                       draft_model=draft)
     got = run_all(spec, prompts, options)
     for b, g in zip(base, got):
@@ -409,7 +414,7 @@ def test_speculation_under_memory_pressure_and_prefix_sharing(tiny):
     base = run_all(Engine(m.model, m.tokenizer, EngineConfig(block_size=4, num_blocks=256, max_num_seqs=6,
                                                              max_num_batched_tokens=32)), prompts, options)
     tight = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=6, max_num_batched_tokens=32,
-                         speculative=SpeculativeConfig("draft", 4))
+                         speculative=SpeculativeConfig("draft", 4, adaptive=False))  # self-draft: forced
     engine = Engine(m.model, m.tokenizer, tight, draft_model=m.model)
     got = run_all(engine, prompts, options)
     assert [g.ids for g in got] == [b.ids for b in base]
@@ -440,8 +445,8 @@ def test_reference_models_greedy_identical_with_each_method(name, smollm2_path, 
     cfg = dict(max_model_len=1024, kv_cache_bytes=64 << 20)
     (base,) = run_all(Engine(m.model, m.tokenizer, EngineConfig(**cfg)), [ids], [greedy])
     ngram = Engine(m.model, m.tokenizer, EngineConfig(**cfg, speculative=SpeculativeConfig("ngram", 6)))
-    draft = Engine(m.model, m.tokenizer, EngineConfig(**cfg, speculative=SpeculativeConfig("draft", 4)),
-                   draft_model=m.model)
+    draft = Engine(m.model, m.tokenizer, EngineConfig(**cfg, speculative=SpeculativeConfig("draft", 4, adaptive=False)),
+                   draft_model=m.model)  # self-draft never pays, so only a fixed length makes it draft
     for engine in (ngram, draft):
         (got,) = run_all(engine, [ids], [greedy])
         assert got.ids == base.ids

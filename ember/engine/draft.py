@@ -26,9 +26,13 @@ from ember.engine.sampler import (BatchParams, SamplingParams, apply_logit_bias,
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
-from ember.model.transformer import Transformer
+from ember.model.transformer import Transformer, weight_bytes_per_token
 
 CATCH_UP_CHUNK = 512  # most tokens one catch-up pass feeds per sequence (bounds activations, as prefill chunks)
+# A decode pass costs about its weight bytes over the memory bandwidth plus per-layer work that does not scale
+# with the weights (norms, rope, attention calls, dispatch): ~0.15 ms a layer on the development machine, the
+# time ~3 MiB of weights take to stream at its ~20 GB/s.
+LAYER_BYTES = 3 << 20
 
 
 class _DraftState:
@@ -62,6 +66,14 @@ class DraftProposer:
         self.runner = Runner(model, self.cache)
         self.max_positions = c.n_ctx_train
         self._states: dict[int, _DraftState] = {}
+
+    def cost_prior(self, main: Transformer) -> float:
+        """A draft pass's expected cost as a fraction of a main-model decode step, before any was timed: weight
+        bytes plus LAYER_BYTES per layer, draft over main (the speculator's first plan uses it; measurements
+        replace it)."""
+        def cost(m: Transformer) -> int:
+            return weight_bytes_per_token(m) + LAYER_BYTES * m.config.n_layer
+        return cost(self.model) / cost(main)
 
     def propose(self, wants: SequenceT[tuple[Sequence, int, SamplingParams]]) -> dict[int, list[int]]:
         """Greedy drafts of up to k tokens for each (sequence, k, its sampling params). A sequence the draft

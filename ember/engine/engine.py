@@ -151,7 +151,8 @@ class Engine:
             # main model hold more tokens, but the draft's pool keeps its size (it drops what it cannot hold).
             draft_blocks = plan(window_group=False).num_blocks[0]
             self.draft = DraftProposer(draft_model, c.n_vocab, draft_blocks, config.block_size, config.kv_dtype)
-        self.speculator = Speculator(spec, c.n_vocab, self.draft)
+        self.speculator = Speculator(spec, c.n_vocab, self.draft,
+                                     self.draft.cost_prior(model) if self.draft is not None else None)
         self._eog = frozenset(tokenizer.eog_ids)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}

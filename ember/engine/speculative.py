@@ -151,6 +151,7 @@ class MatchAcceptance:
 
 ALPHA_PRIOR, ALPHA_PRIOR_WEIGHT = 0.6, 2.0  # draft acceptance before evidence, worth 2 observations
 ALPHA_DECAY = 0.9  # per verification step: acceptance_estimate follows the last ~10 steps
+PROBE_ALPHA = 0.9  # the acceptance a probe after a pause assumes: no probe where even that would not pay
 
 
 class Speculation:
@@ -201,10 +202,13 @@ class Speculation:
             self._pause -= 1
             self._probe = self._pause == 0
             return 0
-        if self._probe or not self.adaptive or self.gated or row_cost is None or draft_cost is None:
-            self._probe = False
+        if not self.adaptive or self.gated or row_cost is None or draft_cost is None:
             return self.length
         k = self.plan(row_cost, draft_cost)
+        if k == 0 and self._probe:
+            # After a pause: measure again, if drafts that were mostly accepted could pay at these costs.
+            k = min(self.length, self.plan(row_cost, draft_cost, PROBE_ALPHA))
+        self._probe = False
         if k == 0:
             self._back_off()
         return k
@@ -214,13 +218,13 @@ class Speculation:
         return (self._acc_recent + ALPHA_PRIOR_WEIGHT * ALPHA_PRIOR) / (
             self._acc_recent + self._rej_recent + ALPHA_PRIOR_WEIGHT)
 
-    def plan(self, row_cost: float, draft_cost: float) -> int:
+    def plan(self, row_cost: float, draft_cost: float, alpha: float | None = None) -> int:
         """The draft length k maximizing expected tokens per unit of time, 0 when none beats plain decoding.
 
         A step drafting k tokens costs 1 + k * (row_cost + draft_cost) plain steps (a verification row each, a
         draft pass each) and emits 1 + alpha + ... + alpha^k tokens on average (Leviathan et al. 2023's
-        expected yield, alpha from acceptance_estimate); plain decoding yields 1 token per 1."""
-        alpha = self.acceptance_estimate()
+        expected yield, alpha from acceptance_estimate unless given); plain decoding yields 1 token per 1."""
+        alpha = self.acceptance_estimate() if alpha is None else alpha
         best_k, best = 0, 1.0
         emitted = 1.0
         for k in range(1, self.max_tokens + 1):

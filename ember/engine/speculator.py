@@ -35,7 +35,8 @@ class RequestSpeculation:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, n_vocab: int, draft: Optional[DraftProposer]) -> None:
+    def __init__(self, config: SpeculativeConfig, n_vocab: int, draft: Optional[DraftProposer],
+                 draft_cost_prior: Optional[float] = None) -> None:
         self.config = config
         self.n_vocab = n_vocab
         self.draft = draft
@@ -43,7 +44,9 @@ class Speculator:
         # The cost check's reference: EMA of a plain (draft-free) all-decode step's seconds, by batch size.
         self._plain_step: dict[int, float] = {}
         self._row_cost = ROW_COST_PRIOR  # EMA: one verification row's seconds / a plain step's
-        self._draft_cost: Optional[float] = None  # EMA: one draft-model pass's seconds / a plain step's
+        # EMA: one draft-model pass's seconds / a plain step's; before any is timed, the draft's estimate from
+        # weight bytes and layers (DraftProposer.cost_prior), so a draft that cannot pay is never run at all
+        self._draft_cost: Optional[float] = draft_cost_prior
         self._propose_seconds = 0.0
         self._draft_seconds = 0.0
         self._draft_passes = 0

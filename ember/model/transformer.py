@@ -5,8 +5,9 @@ over them: embed, run blocks, final norm, project the needed positions to logits
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 
 from ember.kernels.embedding import Embedding
@@ -67,3 +68,36 @@ class Transformer:
 
 
 ArchBuilder = Callable[..., Transformer]
+
+
+def linear_layers(model: Transformer) -> list[Linear]:
+    """Every distinct Linear reachable from the model (blocks, attention, FFN, output), each once."""
+    found: dict[int, Linear] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Linear):
+            found[id(obj)] = obj
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, np.ndarray, type)):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(model.blocks, 0)
+    walk(model.output, 0)
+    return list(found.values())
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: all Linear weights plus one embedding row (the embedding
+    table itself stays in the file and only the looked-up row is touched)."""
+    linear = sum(layer.nbytes for layer in linear_layers(model))
+    rows = getattr(model.embedding, "rows", None)
+    row_bytes = int(rows.shape[1] * rows.itemsize) if rows is not None and rows.ndim == 2 else 0
+    return linear + row_bytes
