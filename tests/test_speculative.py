@@ -17,10 +17,12 @@ import ember
 from ember.engine.block_manager import BlockManager
 from ember.engine.engine import Engine, EngineConfig
 from ember.engine.generator import GenerationOptions
-from ember.engine.sampler import BatchParams, SamplingParams, target_distribution
+from ember.engine.sampler import (BatchParams, SamplingParams, greedy_picks, penalty_windows, sample_batch,
+                                  target_distribution)
 from ember.engine.scheduler import Scheduler, SchedulerConfig
 from ember.engine.sequence import Sequence
-from ember.engine.speculative import MATCH_PRIOR, MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.engine.speculative import (MATCH_PRIOR, MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept,
+                                     accept_greedy)
 from ember.errors import InvalidParameterError
 from engine_helpers import run_all as run_engine
 from tiny_models import write_tiny_model
@@ -194,6 +196,27 @@ def test_accept_greedy_takes_the_longest_matching_prefix():
     assert accept(probs, [3, 4, 5], None) == [3, 4, 5, 6]  # all accepted + bonus
     assert accept(probs, [3, 9, 5], None) == [3, 4]  # correction at the first mismatch
     assert accept(probs, [7, 4, 5], None) == [3]
+    assert accept_greedy([3, 4, 5, 6], [3, 4, 5]) == [3, 4, 5, 6]
+    assert accept_greedy([3, 4, 5, 6], [3, 9, 5]) == [3, 4]
+    assert accept_greedy([3, 4, 5, 6], [7, 4, 5]) == [3]
+    with pytest.raises(ValueError):
+        accept_greedy([3, 4], [3, 4])
+
+
+def test_greedy_picks_are_the_samplers_greedy_tokens():
+    """Verification's greedy picks (bias and penalties, then the argmax) are what sample_batch gives greedy
+    rows: the same stages, the same tie rule."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 50, generator=g)
+    logits[2, 7] = logits[2, 9] = 10.0  # a tie: the first index wins on both paths
+    params = [SamplingParams(temperature=0, repeat_penalty=1.3, presence_penalty=0.5, repeat_last_n=4,
+                             logit_bias={5: 3.0}) for _ in range(6)]
+    bp = BatchParams.from_params(params, 50)
+    histories = [[1, 2, 3, 5, 7], [8, 9], [], [4, 4, 4], list(range(40)), [5]]
+    window = penalty_windows(histories, bp.repeat_last_n)
+    picks = greedy_picks(logits, bp, window)
+    assert torch.equal(picks, sample_batch(logits, bp, window, [None] * 6))
+    assert int(picks[2]) == 7
 
 
 def test_accept_rejection_sampling_follows_the_target_distribution():

@@ -450,6 +450,18 @@ def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Te
     return tokens
 
 
+def greedy_picks(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B] the token greedy rows take: the argmax after logit bias and penalties, the same stages and the same
+    pick as sample_batch (so a speculative verification of greedy rows needs no probabilities)."""
+    x = logits.float()
+    if params.any_bias:
+        x = apply_logit_bias(x, params.bias_ids, params.bias_values)
+    if params.any_penalty and window_ids is not None:
+        x = apply_repetition_penalties(x, window_ids, params.repeat_penalty, params.presence_penalty,
+                                       params.frequency_penalty)
+    return greedy(x)
+
+
 def target_distribution(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
     """The distribution the chain draws from, as dense [B, V] float32 probabilities: a point mass on the
     argmax for greedy rows. Speculative decoding's acceptance test compares draft tokens against it."""

@@ -276,6 +276,21 @@ class Speculation:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def accept_greedy(picks: SequenceT[int], drafts: SequenceT[int]) -> list[int]:
+    """Greedy verification: picks[i] is the main model's greedy token after the first i drafts (k + 1 of them).
+    Drafts are accepted while they equal the pick; the first pick that differs (or the bonus pick after all k)
+    ends the step - exactly the tokens plain greedy decoding emits."""
+    if len(picks) != len(drafts) + 1:
+        raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} picks, got {len(picks)}")
+    out: list[int] = []
+    for pick, d in zip(picks, drafts):
+        out.append(pick)
+        if pick != d:
+            return out
+    out.append(picks[-1])
+    return out
+
+
 def accept(probs: torch.Tensor, drafts: SequenceT[int], generator: Optional[torch.Generator]) -> list[int]:
     """Tokens to emit after verifying `drafts` (k ids) against the main model's distributions `probs` [k+1, V]
     (row i: after the i first drafts; see sampler.target_distribution). generator None: greedy rows (point

@@ -15,10 +15,11 @@ from typing import Any, Optional, Sequence as SequenceT
 import torch
 
 from ember.engine.draft import DraftProposer
-from ember.engine.sampler import BatchParams, Sampler, penalty_windows, target_distribution
+from ember.engine.sampler import BatchParams, Sampler, greedy, greedy_picks, penalty_windows, target_distribution
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
-from ember.engine.speculative import MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept
+from ember.engine.speculative import (MatchAcceptance, NgramIndex, Speculation, SpeculativeConfig, accept,
+                                     accept_greedy)
 
 ROW_COST_PRIOR = 0.1  # a verification row's cost as a fraction of a plain step, until measured (SmolLM2, 1k ctx)
 
@@ -104,21 +105,26 @@ class Speculator:
         self._propose_seconds = time.perf_counter() - t0
 
     def verify(self, e: ScheduledSeq, rows: torch.Tensor, spec: RequestSpeculation, sampler: Sampler) -> list[int]:
-        """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit (speculative.accept)."""
+        """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit. Greedy rows compare the
+        drafts with the greedy picks (accept_greedy: no probabilities needed); sampling rows go through the
+        rejection rule over the sampling chain's distributions (speculative.accept)."""
         drafts = list(e.draft)
         p = sampler.params
-        probs: Any
-        if p.greedy and not p.penalizes and not p.logit_bias:
-            probs = rows  # accept() compares argmaxes for greedy rows: the raw logits do
-        else:
+        bp = window = None
+        if p.penalizes or p.logit_bias or not p.greedy:
             k = len(drafts)
             bp = BatchParams.from_params([p] * (k + 1), self.n_vocab)
-            window = None
-            if bp.any_penalty:  # row i's history holds the drafts before it
-                history = e.seq.token_ids
+            if bp.any_penalty:  # row i's history holds the drafts before it; the window needs only the tail
+                n = max(bp.repeat_last_n)
+                history = e.seq.token_ids if n < 0 else e.seq.token_ids[max(0, e.seq.num_tokens - n):]
                 window = penalty_windows([history + drafts[:i] for i in range(k + 1)], bp.repeat_last_n)
-            probs = target_distribution(rows, bp, window)
-        tokens = accept(probs, drafts, None if p.greedy else sampler.generator)
+        tokens: list[int]
+        if p.greedy:
+            picks = greedy(rows) if bp is None else greedy_picks(rows, bp, window)
+            tokens = accept_greedy(picks.tolist(), drafts)
+        else:
+            assert bp is not None
+            tokens = accept(target_distribution(rows, bp, window), drafts, sampler.generator)
         spec.policy.record(len(drafts), len(tokens) - 1)
         if spec.acceptance is not None:
             spec.acceptance.record(spec.match_length, len(drafts), len(tokens) - 1)
