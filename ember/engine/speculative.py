@@ -159,7 +159,8 @@ class Speculation:
 
     Draft length adapts to the acceptance of the last steps: a step whose drafts were all accepted grows it
     by 2 (up to the maximum), one that accepted less than half shrinks it to what was accepted plus one.
-    (Gated policies skip all of this: their proposer cuts each draft to the part whose expected yield pays.)
+    (Gated policies skip all of this: their proposer cuts each draft to the part whose expected yield pays.
+    Given costs, next_length plans the length instead - a draft model's case, see plan.)
     Speculation pauses (for a cool-down that doubles each time, then tries again) when it does not pay:
       - `patience` consecutive steps accepted nothing (not gated), or
       - measured cost says so: the engine reports each verification step's duration relative to a plain
@@ -195,9 +196,10 @@ class Speculation:
     def next_length(self, row_cost: float | None = None, draft_cost: float | None = None) -> int:
         """Tokens to draft for the next step (0: decode plainly this step).
 
-        With measured costs (a draft model's: both relative to a plain decode step, see plan) the length is
-        the one with the best expected yield per time, and speculation pauses when no length beats plain
-        decoding; the first step after a pause probes with the adaptive length to measure again."""
+        With costs (a draft model's: both relative to a plain decode step, see plan; the draft's estimated
+        before it is first timed) the length is the one with the best expected yield per time, and
+        speculation pauses when no length beats plain decoding. The first step after a pause probes again
+        (with the adaptive length) only if drafts accepted with PROBE_ALPHA could pay at these costs."""
         if self._pause > 0:
             self._pause -= 1
             self._probe = self._pause == 0
