@@ -21,8 +21,7 @@ import torch
 from ember.engine.block_manager import BlockManager
 from ember.engine.paged_cache import PagedKVCache
 from ember.engine.runner import Runner
-from ember.engine.sampler import (BatchParams, SamplingParams, apply_logit_bias, apply_repetition_penalties, greedy,
-                                  penalty_windows)
+from ember.engine.sampler import BatchParams, SamplingParams, greedy, greedy_picks, penalty_windows
 from ember.engine.scheduler import ScheduledBatch, ScheduledSeq
 from ember.engine.sequence import Sequence
 from ember.errors import InvalidParameterError
@@ -164,13 +163,8 @@ class DraftProposer:
         if not any(p.penalizes or p.logit_bias for p in params):
             return greedy(logits).tolist()
         bp = BatchParams.from_params(params, logits.shape[-1])
-        x = logits.float()
-        if bp.any_bias:
-            x = apply_logit_bias(x, bp.bias_ids, bp.bias_values)
-        if bp.any_penalty:
-            window = penalty_windows([st.token_ids for st in states], bp.repeat_last_n)
-            x = apply_repetition_penalties(x, window, bp.repeat_penalty, bp.presence_penalty, bp.frequency_penalty)
-        return greedy(x).tolist()
+        window = penalty_windows([st.token_ids for st in states], bp.repeat_last_n) if bp.any_penalty else None
+        return greedy_picks(logits, bp, window).tolist()
 
     def rollback(self, seq_id: int, valid: int) -> None:
         """The main sequence's tokens at positions < valid are final: keep the draft KV only up to there."""

@@ -47,6 +47,8 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "apply_logit_bias",
+    "penalized",
+    "greedy_picks",
     "apply_repetition_penalties",
     "apply_temperature",
     "filter_min_p",
@@ -396,12 +398,7 @@ def _survivors(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tens
     """Stages 1-7 for B rows: (probabilities over the survivors [B, N] in vocabulary order, their ids [B, N] or
     None when N is the whole vocabulary, argmax [B] of the penalized logits or None when no row is greedy).
     Greedy rows' probabilities are meaningless (they take the argmax); with params.all_greedy probs is None."""
-    logits = logits.float()
-    if params.any_bias:
-        logits = apply_logit_bias(logits, params.bias_ids, params.bias_values)
-    if params.any_penalty and window_ids is not None:
-        logits = apply_repetition_penalties(logits, window_ids, params.repeat_penalty,
-                                            params.presence_penalty, params.frequency_penalty)
+    logits = penalized(logits, params, window_ids)
     argmax = greedy(logits) if params.any_greedy else None
     if params.all_greedy:
         return None, None, argmax  # type: ignore[return-value]
@@ -450,16 +447,22 @@ def sample_batch(logits: torch.Tensor, params: BatchParams, window_ids: torch.Te
     return tokens
 
 
-def greedy_picks(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
-    """[B] the token greedy rows take: the argmax after logit bias and penalties, the same stages and the same
-    pick as sample_batch (so a speculative verification of greedy rows needs no probabilities)."""
+def penalized(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
+    """Stages 1-2 of the chain: float32 logits after the logit bias and the repetition penalties (over
+    window_ids; None: no penalties) - all that moves a greedy row's argmax."""
     x = logits.float()
     if params.any_bias:
         x = apply_logit_bias(x, params.bias_ids, params.bias_values)
     if params.any_penalty and window_ids is not None:
         x = apply_repetition_penalties(x, window_ids, params.repeat_penalty, params.presence_penalty,
                                        params.frequency_penalty)
-    return greedy(x)
+    return x
+
+
+def greedy_picks(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B] the token greedy rows take: the argmax after logit bias and penalties, the same stages and the same
+    pick as sample_batch (so a speculative verification of greedy rows needs no probabilities)."""
+    return greedy(penalized(logits, params, window_ids))
 
 
 def target_distribution(logits: torch.Tensor, params: BatchParams, window_ids: torch.Tensor | None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence as SequenceT
 
 import torch
 
+from ember.engine.sampler import greedy
 from ember.errors import InvalidParameterError
 
 METHODS = ("none", "ngram", "draft")
@@ -304,15 +305,11 @@ def accept(probs: torch.Tensor, drafts: SequenceT[int], generator: Optional[torc
     k = len(drafts)
     if probs.shape[0] != k + 1:
         raise ValueError(f"{k} drafts need {k + 1} rows of probabilities, got {probs.shape[0]}")
+    if generator is None:
+        return accept_greedy(greedy(probs).tolist(), drafts)
     out: list[int] = []
     for i, d in enumerate(drafts):
         row = probs[i]
-        if generator is None:
-            if int(row.argmax()) == d:
-                out.append(d)
-                continue
-            out.append(int(row.argmax()))
-            return out
         p = float(row[d])
         u = torch.rand((), generator=generator, dtype=torch.float64).item()
         if u < p:  # min(1, p/q) with q(d) = 1
@@ -322,8 +319,7 @@ def accept(probs: torch.Tensor, drafts: SequenceT[int], generator: Optional[torc
         residual[d] = 0.0  # max(0, p - q): q is 1 on d, 0 elsewhere
         out.append(_draw(residual, generator))
         return out
-    last = probs[k]
-    out.append(int(last.argmax()) if generator is None else _draw(last, generator))
+    out.append(_draw(probs[k], generator))
     return out
 
 
