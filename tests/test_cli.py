@@ -66,7 +66,11 @@ class FakeStream:
         for i, piece in enumerate(self.pieces):
             if self.fail_at == i:
                 raise KeyboardInterrupt  # what a Ctrl-C in the middle of generation looks like
-            time.sleep(self.delay)
+            # Short sleeps: a Ctrl-C whose signal the OS hands to another thread of the process (torch's) is
+            # only acted on when the main thread next runs bytecode - as between a real engine's tokens.
+            end = time.monotonic() + self.delay
+            while time.monotonic() < end:
+                time.sleep(max(0.0, min(0.05, end - time.monotonic())))
             yield FakeChunk(piece, i)
         self.result = FakeCompletion("".join(self.pieces), list(range(len(self.pieces))), "stop",
                                      FakeStats(generated_tokens=len(self.pieces)))
