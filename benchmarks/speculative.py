@@ -16,6 +16,12 @@ Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty
   synth1b  the synthetic 1B Q4_K_M model (benchmarks/synthetic_models.py) drafted by a synthetic 4-layer
            model of the same vocabulary. Random weights: the draft agrees with the main model by chance only,
            so this measures what speculation costs when it does not pay (the back-off should bound it).
+--analyze: no timing; for each document, the greedy summary (plain decoding) and what prompt lookup could do
+with it: how often the token after the longest earlier match of the text's suffix is the next token, by
+match length (the source of MatchAcceptance's prior), and the speed-up bound of a proposer that knows which
+copied tokens will be accepted (drafts exactly those), at --row-cost (a verification row's cost relative to a
+plain step; ~0.1 for SmolLM2 at 1000 tokens of context on the development machine).
+
 For each: decode tokens/s (generated tokens / time from first token to last), mean and standard deviation
 over --repeats alternating runs, the speed-up, acceptance rate, tokens emitted per verification step, and
 whether the greedy output was token-identical to plain decoding.
@@ -104,6 +110,47 @@ def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int]
     }
 
 
+def analyze(docs: list[str], tokens: int, row_cost: float) -> None:
+    """Match-length statistics and the foresight bound of prompt lookup on each document's greedy summary."""
+    from ember.engine.speculative import NgramIndex
+
+    m = ember.load("smollm2")
+    seen: dict[int, list[int]] = {}  # match length (12 = 12+) -> [proposals, right]
+    print("| document | greedy tokens | foresight tokens/step | foresight bound at row cost "
+          f"{row_cost} |")
+    print("|---|---|---|---|")
+    for doc in docs:
+        ids = lookup_prompt(m, doc=doc)
+        out = run_once(m, ids, tokens)["ids"]
+        idx = NgramIndex(1, 12)
+        idx.extend(ids)
+        for t in out:  # one-step hit rate by match length
+            cand, n = idx.match(1)
+            if cand:
+                st = seen.setdefault(n, [0, 0])
+                st[0] += 1
+                st[1] += cand[0] == t
+            idx.extend([t])
+        idx = NgramIndex(1, 12)
+        idx.extend(ids)
+        i = steps = 0
+        cost = 0.0
+        while i < len(out):  # foresight: draft exactly the copied tokens that will be accepted
+            cand, _ = idx.match(len(out) - i - 1)
+            acc = next((j for j, (a, b) in enumerate(zip(cand, out[i:])) if a != b), min(len(cand), len(out) - i))
+            acc = min(acc, len(out) - i - 1)
+            cost += 1.0 + row_cost * acc
+            steps += 1
+            idx.extend(out[i:i + acc + 1])
+            i += acc + 1
+        print(f"| {doc} | {len(out)} | {len(out) / steps:.2f} | {len(out) / cost:.2f}x |")
+    print("\n| match length | proposals | next token right |")
+    print("|---|---|---|")
+    for n in sorted(seen):
+        print(f"| {n}{'+' if n == 12 else ''} | {seen[n][0]} | {seen[n][1] / seen[n][0]:.2f} |")
+    m.close()
+
+
 def lowbit_draft() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     out = CACHE / "smollm2-q2_k.gguf"
@@ -134,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--documents", nargs="+", default=["all"], help=f"lookup documents: {', '.join(DOCUMENTS)} or all")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--analyze", action="store_true", help="match statistics and the foresight bound, no timing")
+    ap.add_argument("--row-cost", type=float, default=0.1, help="--analyze: a verification row / a plain step")
     ap.add_argument("--repeat-penalty", type=float, default=None,
                     help="override the repeat penalty (default: the model's, Ollama's 1.1; 1.0 is llama.cpp's and "
                          "OpenAI's default sampler)")
@@ -143,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     t0 = time.time()
     docs = list(DOCUMENTS) if args.documents == ["all"] else args.documents
+    if args.analyze:
+        analyze(docs, args.tokens, args.row_cost)
+        return 0
     for w in args.workloads:
         if w == "lookup":
             plain, spec = ember.load("smollm2"), ember.load("smollm2", speculative="ngram")

@@ -102,9 +102,10 @@ class NgramIndex:
 
 
 # Prior probability that a prompt-lookup token is accepted, by the length of the suffix match it continues
-# (a token j places into a draft continues a match of n + j). Measured on SmolLM2's greedy summaries of six
-# ~1000-token documents (licenses, READMEs, API docs): 0.22 after a one-token match, 0.45 after two, ~0.75 for
-# 3-7, 0.9+ from 8. Each request's own outcomes take over after a few observations.
+# (a token j places into a draft continues a match of n + j). From SmolLM2's greedy summaries of six
+# ~1000-token documents (`benchmarks/speculative.py --analyze --repeat-penalty 1.0`): ~0.2 after a one-token
+# match, ~0.5 after two, 0.6-0.8 for 3-7, 0.9+ from 8; rounded. Each request's own outcomes take over after a
+# few observations.
 MATCH_PRIOR = (0.25, 0.45, 0.65, 0.75, 0.75, 0.75, 0.75, 0.9)  # lengths 1..8; 8 stands for 8 and longer
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observations per length
 
