@@ -23,8 +23,10 @@ copied tokens will be accepted (drafts exactly those), at --row-cost (a verifica
 plain step; ~0.1 for SmolLM2 at 1000 tokens of context on the development machine).
 
 For each: decode tokens/s (generated tokens / time from first token to last), mean and standard deviation
-over --repeats alternating runs, the speed-up, acceptance rate, tokens emitted per verification step, and
-whether the greedy output was token-identical to plain decoding.
+over --repeats alternating runs, the speed-up, acceptance rate, tokens emitted per verification step,
+whether the greedy output was token-identical to plain decoding, and where copyable text came from: how much of
+the output repeats itself (8-grams seen earlier in it: SmolLM2-135M's greedy summaries without a repeat penalty
+often end in a loop, which prompt lookup predicts perfectly) and how much quotes the prompt.
 """
 from __future__ import annotations
 
@@ -80,6 +82,24 @@ def run_once(model: "ember.Model", ids: list[int], max_tokens: int) -> dict:
             "accepted": s.accepted_tokens, "steps": s.spec_steps, "generated": s.generated_tokens}
 
 
+def repeated_fraction(out: list[int], source: list[int] | None = None, n: int = 8) -> float:
+    """The fraction of out's n-grams that occurred before: earlier in out itself (source None: how much the text
+    repeats itself, e.g. a summary stuck in a loop), or anywhere in source (how much it quotes the prompt)."""
+    grams = len(out) - n + 1
+    if grams < 1:
+        return 0.0
+    if source is not None:
+        seen = {tuple(source[i:i + n]) for i in range(len(source) - n + 1)}
+        return sum(tuple(out[i:i + n]) in seen for i in range(grams)) / grams
+    earlier: set[tuple[int, ...]] = set()
+    hits = 0
+    for i in range(grams):
+        g = tuple(out[i:i + n])
+        hits += g in earlier
+        earlier.add(g)
+    return hits / grams
+
+
 def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int], max_tokens: int,
             repeats: int) -> dict:
     run_once(plain, ids, 8)  # warm-up both (first-call allocations)
@@ -107,6 +127,9 @@ def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int]
         "acceptance": accepted / drafted if drafted else 0.0,
         "tokens_per_step": (accepted + steps) / steps if steps else 0.0,
         "identical": all(x["ids"] == y["ids"] for x, y in zip(base, fast)),
+        # where the accepted drafts come from: the output repeating itself, or quoting the prompt
+        "self_repeat": repeated_fraction(base[-1]["ids"]),
+        "quotes_prompt": repeated_fraction(base[-1]["ids"], ids),
     }
 
 
@@ -229,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"| workload | prompt | plain t/s | speculative t/s | speed-up | acceptance | tokens/step | identical |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | prompt | plain t/s | speculative t/s | speed-up | acceptance | tokens/step | identical | "
+          "self-repeat | quotes prompt |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        reps = "-" if "self_repeat" not in r else f"{100 * r['self_repeat']:.0f}%"
+        quotes = "-" if "quotes_prompt" not in r else f"{100 * r['quotes_prompt']:.0f}%"
         print(f"| {r['workload']} | {r['prompt_tokens']} | {r['plain_tps']:.1f} ± {r['plain_sd']:.1f} | "
               f"{r['spec_tps']:.1f} ± {r['spec_sd']:.1f} | {r['speedup']:.2f}x | {100 * r['acceptance']:.1f}% | "
-              f"{r['tokens_per_step']:.2f} | {'yes' if r['identical'] else 'NO'} |")
+              f"{r['tokens_per_step']:.2f} | {'yes' if r['identical'] else 'NO'} | {reps} | {quotes} |")
+    print("(self-repeat: the share of the greedy output's 8-grams that occurred earlier in the output - a summary "
+          "stuck in a loop is near 100%; quotes prompt: the share that occur in the prompt)")
     print(f"({time.time() - t0:.0f} s)")
     return 0 if all(r["identical"] for r in results) else 1
 

@@ -21,7 +21,7 @@ import torch
 from ember.engine.engine import Engine, EngineConfig
 from ember.engine.generator import Completion, GenerationOptions, TokenStream
 from ember.engine.sampler import SamplingParams
-from ember.engine.speculative import SpeculativeConfig
+from ember.engine.speculative import DEFAULT_DRAFT_TOKENS, SpeculativeConfig
 from ember.errors import ContextOverflowError, EmberError, GGUFError, InvalidParameterError, ModelNotFoundError
 from ember.gguf import open_gguf
 from ember.model.config import config_from_metadata
@@ -102,7 +102,8 @@ class Model:
                 raise InvalidParameterError(
                     f"draft model {self.draft.name} has {self.draft.tokenizer.vocab_size} tokens, the model "
                     f"{self.tokenizer.vocab_size}: a draft must share the model's vocabulary")
-        spec = SpeculativeConfig(method=method, num_tokens=int(self.defaults.pop("draft_num_predict", 8)))
+        spec = SpeculativeConfig(method=method,
+                                 num_tokens=int(self.defaults.pop("draft_num_predict", DEFAULT_DRAFT_TOKENS)))
         self.engine = Engine(
             self.model,
             self.tokenizer,
