@@ -79,3 +79,42 @@ def test_bad_input_is_refused():
         ext().rms_norm(torch.randn(4, 8), torch.randn(7), 1e-6)
     with pytest.raises(RuntimeError):
         ext().gated_act(torch.randn(4, 10), 6, 0)  # needs 2 * n_ff columns
+
+
+def _rope_ref(x: torch.Tensor, pos: torch.Tensor, dim: int, style: str, base: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding from its definition in float64: pairs (adjacent for "norm", i and i + dim/2 for neox)
+    rotated by pos * base^(-2j/dim)."""
+    x = x.double()
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = pos.double()[:, None, None] * inv  # [T, 1, dim/2]
+    c, s = ang.cos(), ang.sin()
+    out = x.clone()
+    if style == "norm":
+        a, b = x[..., 0:dim:2], x[..., 1:dim:2]
+        out[..., 0:dim:2], out[..., 1:dim:2] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[..., : dim // 2], x[..., dim // 2 : dim]
+        out[..., : dim // 2], out[..., dim // 2 : dim] = a * c - b * s, a * s + b * c
+    return out
+
+
+@pytest.mark.parametrize("style", ["norm", "neox"])
+@pytest.mark.parametrize("dim,head_dim", [(64, 64), (256, 256), (32, 64)])  # (32, 64): partial rotary
+def test_rope_is_the_rotation_and_the_same_bits_as_torch(style, dim, head_dim):
+    from ember.model.config import RopeConfig
+    from ember.model.layers import Rope
+
+    rope = Rope(RopeConfig(base=10000.0, dim=dim, style=style), 4096)
+    g = torch.Generator().manual_seed(dim + head_dim)
+    qkv = torch.randn(9, 14 * head_dim, generator=g) * 3
+    heads = qkv[:, : 12 * head_dim].view(9, 12, head_dim)  # q and k heads inside a fused projection (strided)
+    pos = torch.randint(0, 4096, (9,), generator=g)
+    out = rope(heads, pos)  # the native kernel
+    torch.testing.assert_close(out.double(), _rope_ref(heads, pos, dim, style), rtol=0, atol=2e-5)
+    cos, sin = rope.cos[pos][:, None, :], rope.sin[pos][:, None, :]  # torch's ops, as the fallback runs them
+    rot = heads[..., :dim]
+    partner = rope._swap(rot)
+    torch_out = torch.cat((torch.addcmul(rot * cos, partner, sin), heads[..., dim:]), dim=-1)
+    assert torch.equal(out, torch_out)
+    one = rope(heads[4:5].contiguous(), pos[4:5].clone())  # a row alone: the same result as in the batch
+    assert torch.equal(one[0], out[4])

@@ -68,9 +68,10 @@ class Rope:
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows of the positions: [T, dim] each."""
         m = self._memo
         if m is None or m[0] is not positions:
-            m = self._memo = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
+            m = self._memo = (positions, self.cos[positions], self.sin[positions])
         return m[1], m[2]
 
     def _swap(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,10 @@ class Rope:
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, head_dim] float32 -> rotated copy."""
         cos, sin = self._tables(positions)
+        ext = native.extension()
+        if ext is not None and _rows(x) and x.dim() == 3 and self.dim % (32 if self.style == "neox" else 16) == 0:
+            return ext.rope(x, cos, sin, self.style == "neox")  # one call, the same bits as below
+        cos, sin = cos[:, None, :], sin[:, None, :]
         if x.shape[-1] == self.dim:
             return torch.addcmul(x * cos, self._swap(x), sin)
         rot, rest = x[..., : self.dim], x[..., self.dim :]

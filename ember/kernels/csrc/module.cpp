@@ -12,6 +12,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor delta, torch::Tensor w,
                                                       double eps);
 torch::Tensor gated_act(torch::Tensor h, int64_t n_ff, int64_t act);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, bool neox);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qdot_matmul", &qdot_matmul, "y = x @ W^T over a qdot-packed weight (qdot.cpp)");
@@ -20,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_supports", &supports_head_sizes, "whether paged_attention handles these head sizes");
   m.def("rms_norm", &rms_norm, "RMS norm of every row (glue.cpp)");
   m.def("add_rms_norm", &add_rms_norm, "(x + delta, rms_norm(x + delta)) (glue.cpp)");
+  m.def("rope", &rope, "rotary embedding of every head, full-width cos/sin tables per token (glue.cpp)");
   m.def("gated_act", &gated_act, "act(h[:, :n_ff]) * h[:, n_ff:2 n_ff], act 0 silu / 1 gelu_tanh (glue.cpp)");
 }
