@@ -16,6 +16,11 @@ Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty
   synth1b  the synthetic 1B Q4_K_M model (benchmarks/synthetic_models.py) drafted by a synthetic 4-layer
            model of the same vocabulary. Random weights: the draft agrees with the main model by chance only,
            so this measures what speculation costs when it does not pay (the back-off should bound it).
+  deep     SmolLM2 deepened to 240 layers (benchmarks/synthetic_models.write_deepened: layers 30..239 are
+           copies of its own whose outputs are scaled by 0.03) drafted by SmolLM2 itself: a stand-in for a
+           larger model of the family that mostly agrees with its 135M sibling, at 8x the weight bytes per
+           token - the case a draft model is for. Constructed, not trained: how often the two agree is
+           measured (acceptance), but says nothing about real model pairs.
 --analyze: no timing; for each document, the greedy summary (plain decoding) and what prompt lookup could do
 with it: how often the token after the longest earlier match of the text's suffix is the next token, by
 match length (the source of MatchAcceptance's prior), and the speed-up bound of a proposer that knows which
@@ -184,6 +189,21 @@ def lowbit_draft() -> Path:
     return out
 
 
+DEEP_LAYERS, DEEP_EPS = 240, 0.03
+
+
+def deep_pair() -> tuple[Path, Path]:
+    """SmolLM2 deepened to DEEP_LAYERS layers (synthetic_models.write_deepened: the copies' outputs scaled by
+    DEEP_EPS) as the main model, SmolLM2 itself as its draft."""
+    from synthetic_models import write_deepened
+
+    draft = Path(ember.load("smollm2").path)
+    main = CACHE / f"smollm2-deep{DEEP_LAYERS}-eps{DEEP_EPS}.gguf"
+    if not main.exists():
+        write_deepened(draft, main, DEEP_LAYERS, DEEP_EPS)
+    return main, draft
+
+
 def synthetic_pair() -> tuple[Path, Path]:
     from synthetic_models import Shape, synthetic_model, write_synthetic
 
@@ -198,8 +218,8 @@ def synthetic_pair() -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=["lookup", "lowbit", "synth1b"],
-                    choices=["lookup", "lowbit", "synth1b"])
+    ap.add_argument("--workloads", nargs="+", default=["lookup", "lowbit", "synth1b", "deep"],
+                    choices=["lookup", "lowbit", "synth1b", "deep"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--documents", nargs="+", default=["all"], help=f"lookup documents: {', '.join(DOCUMENTS)} or all")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate per run")
@@ -241,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if w == "lowbit":
             plain, spec = ember.load("smollm2"), ember.load("smollm2", draft=lowbit_draft())
+            ids = lookup_prompt(plain, 200)
+        elif w == "deep":
+            main_path, draft_path = deep_pair()
+            plain, spec = ember.load(main_path), ember.load(main_path, draft=draft_path)
             ids = lookup_prompt(plain, 200)
         else:
             main_path, draft_path = synthetic_pair()

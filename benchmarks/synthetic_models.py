@@ -209,6 +209,70 @@ def write_synthetic(path: Path, shape: Shape, quant: str, seed: int = 0, name: s
     return path
 
 
+# -- a deepened real model ----------------------------------------------------------------------------------
+
+# Quantized types whose blocks start with one float16 scale (and, for Q4_1, a float16 min right after it):
+# scaling those fields scales every weight of the block exactly as a float would.
+SCALED_FIELDS = {T.Q4_0: 1, T.Q4_1: 2, T.Q5_0: 1, T.Q5_1: 2, T.Q8_0: 1}
+DAMPED = ("attn_output.weight", "ffn_down.weight")  # what a layer adds to the residual stream
+
+
+def _damped(data: np.ndarray, qtype: T, eps: float) -> np.ndarray:
+    if qtype == T.F32:
+        return (data * eps).astype(np.float32)
+    if qtype not in SCALED_FIELDS:
+        raise ValueError(f"cannot scale {qtype.name} blocks")
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = np.array(data, dtype=np.uint8).reshape(-1, size)
+    fields = blocks[:, : 2 * SCALED_FIELDS[qtype]].copy().view(np.float16)
+    blocks[:, : 2 * SCALED_FIELDS[qtype]] = (fields.astype(np.float32) * eps).astype(np.float16).view(np.uint8)
+    return blocks.reshape(data.shape)
+
+
+def write_deepened(src: Path, dst: Path, n_layer: int, eps: float) -> Path:
+    """src's model (llama architecture) with its layers repeated up to n_layer: layer i >= n_src is a copy of
+    layer i % n_src whose attention output and FFN down projections are scaled by eps (in the quantized
+    blocks' scale fields), so each copy adds only a small perturbation to the residual stream. The result
+    computes nearly src's function with the same vocabulary at n_layer / n_src times the weight bytes per
+    token: a stand-in for a larger model of the family that src, its small sibling, drafts for. How often
+    the two agree follows from eps (measured, not assumed: benchmarks/speculative.py reports acceptance)."""
+    r = gguf.GGUFReader(str(src))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    if arch != "llama":
+        raise ValueError(f"deepening is written for llama files, not {arch}")
+    n_src = int(r.fields[f"{arch}.block_count"].contents())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    for field in r.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.name == f"{arch}.block_count":
+            w.add_block_count(n_layer)
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    by_name = {t.name: t for t in r.tensors}
+    names = [t.name for t in r.tensors if not t.name.startswith("blk.")]
+    names += [f"blk.{i}.{t.name.split('.', 2)[2]}" for i in range(n_layer) for t in r.tensors
+              if t.name.startswith(f"blk.{i % n_src}.")]
+    for name in names:
+        parts = name.split(".", 2)
+        source = name if not name.startswith("blk.") else f"blk.{int(parts[1]) % n_src}.{parts[2]}"
+        t = by_name[source]
+        data = t.data
+        if name != source and parts[2] in DAMPED:
+            data = _damped(data, t.tensor_type, eps)
+        w.add_tensor(name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dst)
+    return dst
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EMBER_SYNTHETIC_DIR", Path.home() / ".cache" / "ember" / "synthetic"))
 

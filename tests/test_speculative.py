@@ -360,6 +360,28 @@ def test_greedy_output_is_identical_to_plain_decoding(tiny, tiny_draft, method):
         assert spec.draft.blocks.stats().num_used == 0
 
 
+def test_draft_prompt_catch_up_is_not_timed_as_a_drafting_pass(tiny_draft):
+    """The draft's first proposal for a request feeds the whole prompt: a prefill, not a drafting pass. Timed as
+    one it made the draft look many times a step's cost, and the cost check never drafted again."""
+    from ember.engine.draft import DraftProposer
+    from ember.engine.sequence import Sequence
+
+    m = tiny_draft
+    proposer = DraftProposer(m.model, m.config.n_vocab, num_blocks=64, block_size=4)
+    seq = Sequence(0, [1] + list(range(5, 45)), max_tokens=20)  # 41 prompt tokens
+    seq.num_computed_tokens = seq.num_tokens - 1
+    params = SamplingParams(temperature=0, repeat_penalty=1.0)
+    drafts = proposer.propose([(seq, 3, params)])[0]
+    assert len(drafts) == 3
+    # the prompt went in as catch-up prefill chunks; only the passes that fed one token at a time are timed
+    assert proposer.prefill_seconds > 0 and proposer.timed_passes == 2
+    seq.append_token(drafts[0])  # the main model accepted the first draft and emitted a correction
+    seq.append_token(7)
+    proposer.rollback(seq.seq_id, seq.num_tokens - 2)
+    assert len(proposer.propose([(seq, 2, params)])[0]) == 2
+    assert proposer.prefill_seconds == 0 and proposer.timed_passes == 2  # a 2-token catch-up is a drafting pass
+
+
 def test_speculation_respects_max_tokens_and_stop_strings(tiny):
     m = tiny
     prompt = repetitive_prompts(m, [30], seed=8)[0]

@@ -14,6 +14,7 @@ whose tokens were accepted.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence as SequenceT
 
 import torch
@@ -28,6 +29,10 @@ from ember.errors import InvalidParameterError
 from ember.model.transformer import Transformer, weight_bytes_per_token
 
 CATCH_UP_CHUNK = 512  # most tokens one catch-up pass feeds per sequence (bounds activations, as prefill chunks)
+# A pass feeding more tokens than this for some sequence is a catch-up prefill (a new request's prompt), not a
+# drafting pass: it is left out of the passes' timing (a 237-token prompt cost a 135M draft ~0.25 s, which
+# read as a pass 20 times a step's length made the cost check stop drafting for good).
+TIMED_PASS_TOKENS = 4
 # A decode pass costs about its weight bytes over the memory bandwidth plus per-layer work that does not scale
 # with the weights (norms, rope, attention calls, dispatch): ~0.15 ms a layer on the development machine, the
 # time ~3 MiB of weights take to stream at its ~20 GB/s.
@@ -65,6 +70,11 @@ class DraftProposer:
         self.runner = Runner(model, self.cache)
         self.max_positions = c.n_ctx_train
         self._states: dict[int, _DraftState] = {}
+        # the last propose()'s drafting passes: how many, and their seconds; and the seconds of its catch-up
+        # prefills, which are neither
+        self.timed_passes = 0
+        self.timed_seconds = 0.0
+        self.prefill_seconds = 0.0
 
     def cost_prior(self, main: Transformer) -> float:
         """A draft pass's expected cost as a fraction of a main-model decode step, before any was timed: weight
@@ -91,6 +101,7 @@ class DraftProposer:
             self.blocks.trim(st)  # type: ignore[arg-type]
             states[seq.seq_id] = (st, k)
         drafts: dict[int, list[int]] = {sid: [] for sid in states}
+        self.timed_passes, self.timed_seconds, self.prefill_seconds = 0, 0.0, 0.0
         # Catch up: feed what the draft has not seen, in chunks; the chunk reaching the last token samples d1.
         while True:
             batch = ScheduledBatch()
@@ -141,6 +152,15 @@ class DraftProposer:
         return True
 
     def _run(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
+        t0 = time.perf_counter()
+        self._forward(batch, drafts)
+        if all(e.num_tokens <= TIMED_PASS_TOKENS for e in batch.scheduled):
+            self.timed_passes += 1
+            self.timed_seconds += time.perf_counter() - t0
+        else:
+            self.prefill_seconds += time.perf_counter() - t0
+
+    def _forward(self, batch: ScheduledBatch, drafts: dict[int, list[int]]) -> None:
         logits = self.runner.execute(batch)
         sampling = batch.sampling
         # the runner returns 1 + len(draft) rows for an entry with rows (sampling or not), one for another

@@ -96,13 +96,14 @@ class Speculator:
                 wants.append((seq, k, sampler.params))
         self._draft_seconds, self._draft_passes = 0.0, 0
         if wants and self.draft is not None:
-            t1 = time.perf_counter()
             drafts = self.draft.propose(wants)
-            self._draft_seconds = time.perf_counter() - t1
-            self._draft_passes = max(k for _, k, _ in wants)
+            # the drafting passes only: a new request's prompt catch-up is a one-time prefill, not a pass
+            self._draft_seconds, self._draft_passes = self.draft.timed_seconds, self.draft.timed_passes
             for seq, _, _ in wants:
                 seq.draft_token_ids = drafts.get(seq.seq_id, [])
         self._propose_seconds = time.perf_counter() - t0
+        if wants and self.draft is not None:
+            self._propose_seconds -= self.draft.prefill_seconds
 
     def verify(self, e: ScheduledSeq, rows: torch.Tensor, spec: RequestSpeculation, sampler: Sampler) -> list[int]:
         """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit. Greedy rows compare the
