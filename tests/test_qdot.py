@@ -72,7 +72,7 @@ def test_matmul_is_the_int8_activation_product(qtype):
     assert float((y.double() - exact).abs().max()) < 0.02 * float(exact.abs().max())
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q8_0, T.Q5_K, T.Q6_K], ids=_name)
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.Q5_K, T.Q6_K], ids=_name)
 def test_rows_do_not_depend_on_their_batch(qtype):
     n, k = 80, 768 if qtype in K_QUANTS else 320
     raw, _ = _weight(qtype, n, k, seed=2)
@@ -84,14 +84,16 @@ def test_rows_do_not_depend_on_their_batch(qtype):
     assert torch.equal(lin(x.flip(0)).flip(0), alone)
 
 
-@pytest.mark.parametrize("other", [T.Q8_0, T.Q6_K], ids=_name)
-def test_fused_parts_keep_the_wider_form(other):
+@pytest.mark.parametrize("other,bits", [(T.Q8_0, 8), (T.Q6_K, 8), (T.Q5_0, 5), (T.Q5_K, 5)],
+                         ids=lambda v: _name(v) if isinstance(v, T) else str(v))
+def test_fused_parts_keep_the_wider_form(other, bits):
     k = 256
     raw4, w4 = _weight(T.Q4_0, 32, k, seed=3)
     raw8, w8 = _weight(other, 48, k, seed=4)
     fused = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw4, T.Q4_0, (k, 32)),
                                         qdot.parts_from_gguf(raw8, other, (k, 48))])
-    assert fused.bits == 8 and fused.out_features == 80
+    assert fused.bits == bits and fused.out_features == 80
+    assert fused.codes.shape[2] == {5: 320, 8: 512}[bits]  # 5-bit codes: nibbles + a fifth-bit plane
     assert fused.scales.shape[1] == (2 if other == T.Q6_K else 1) * k // 32  # 16-wide groups: two per 32
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(9))
     ref = _reference_qdot(x, torch.cat([w4, w8]))

@@ -7,7 +7,9 @@ with `vpdpbusd`, reading each weight once per call for every row of the batch. E
 its own input row and weight row (see the C++ file's invariant), so decode results are batch-invariant.
 
 Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned code. 4-bit types (Q4_0,
-Q4_1, Q4_K) keep nibbles; the others one byte per weight; s and z as float16 when every value is exactly a
+Q4_1, Q4_K) keep nibbles; 5-bit types (Q5_0, Q5_1, Q5_K) nibbles plus a plane of fifth bits (5 bits a weight
+instead of 8: gemma3-270m's layers, mostly Q5_0, went from 71 to 44 MB read per token); the others one byte
+per weight; s and z as float16 when every value is exactly a
 float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Float tensors stay on the dense bfloat16 path.
 
 Every row takes the kernel by default (exact prefill, see ember.kernels.native.EXACT: a row's result never
@@ -30,10 +32,11 @@ from ember.quant.repack import codes_and_params
 
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
-BYTE_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K, T.Q8_0})
+BYTE_TYPES = frozenset({T.Q8_0})
 NIBBLE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})  # nibbles + a plane of fifth bits
 HALF_GROUP_TYPES = frozenset({T.Q2_K, T.Q3_K, T.Q6_K})  # 16-wide groups, stored as bytes
-QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES | HALF_GROUP_TYPES
+QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES | FIVE_BIT_TYPES | HALF_GROUP_TYPES
 SLAB_WEIGHTS = 1 << 21  # weights dequantized at once for prompt processing (4 MiB of bfloat16)
 
 
@@ -77,18 +80,30 @@ def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int
         q = q.bitwise_xor(0x80)
         offset = 128
     z = torch.add(bias, scale, alpha=-offset)
-    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 8)
+    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 5 if qt in FIVE_BIT_TYPES else 8)
+
+
+CODE_BYTES = {4: 256, 5: 320, 8: 512}  # per column block and group of 32
 
 
 def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes [N, K] -> [N / 16, G, 512] (bytes) or [N / 16, G, 256] (nibbles) in the kernel's layout (see
-    qdot.cpp): per column block and group, chunk j holds elements 4j..4j+3 of each of the 16 columns."""
+    """Codes [N, K] -> [N / 16, G, CODE_BYTES[bits]] in the kernel's layout (see qdot.cpp): per column block
+    and group, chunk j holds elements 4j..4j+3 of each of the 16 columns (byte 4c + e), as bytes, or as
+    nibbles (chunks j and j + 4 share bytes), followed for 5 bits by each chunk's fifth bits, a 64-bit
+    little-endian word per chunk (bit b: byte b)."""
     n, k = u.shape
     g = k // GROUP
     v = u.view(n // COLS, COLS, g, 8, 4).permute(0, 2, 3, 1, 4)  # [block, group, chunk, column, element]
     if bits == 8:
         return v.reshape(n // COLS, g, 512).contiguous()
-    return (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(n // COLS, g, 256).contiguous()
+    low = v & 15
+    nibbles = (low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(n // COLS, g, 256)
+    if bits == 4:
+        return nibbles.contiguous()
+    fifth = ((v >> 4) & 1).reshape(n // COLS, g, 8, 8, 8)  # [block, group, chunk, byte of word, bit]
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    words = (fifth * weights).sum(-1, dtype=torch.uint8).reshape(n // COLS, g, 64)
+    return torch.cat((nibbles, words), dim=2).contiguous()
 
 
 def _blocked_params(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,7 +117,7 @@ class QDotLinear(Linear):
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, in_features: int,
                  bias: torch.Tensor | None = None):
-        if codes.dim() != 3 or codes.shape[2] != (256 if bits == 4 else 512) or scales.shape != mins.shape:
+        if codes.dim() != 3 or codes.shape[2] != CODE_BYTES.get(bits) or scales.shape != mins.shape:
             raise ValueError("qdot tensors do not match their sizes")
         if codes.shape[1] * GROUP != in_features or scales.shape[0::2] != (codes.shape[0], COLS) or \
                 scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1] if bits == 8 else -1):
@@ -113,10 +128,10 @@ class QDotLinear(Linear):
 
     @classmethod
     def from_parts(cls, parts: list[QDotParts], bias: torch.Tensor | None = None) -> "QDotLinear":
-        """Fuse parts along N (q/k/v, gate/up). Nibbles only if every part is 4-bit; float16 parameters only
-        if every value converts exactly."""
+        """Fuse parts along N (q/k/v, gate/up). The fewest bits that hold every part's codes (16-wide groups
+        are stored as bytes); float16 parameters only if every value converts exactly."""
         half = any(p.group == 16 for p in parts)
-        bits = 4 if all(p.bits == 4 for p in parts) and not half else 8
+        bits = 8 if half else max(p.bits for p in parts)
         u = torch.cat([p.u for p in parts])
         s = torch.cat([p.halves()[0] if half else p.s for p in parts])
         z = torch.cat([p.halves()[1] if half else p.z for p in parts])

@@ -2,8 +2,8 @@
 //
 // Weights: every GGUF type whose values are w = s * u + z per group of 32 or 16 (u an unsigned code of 2..8
 // bits, s and z per group) - Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K; Q2_K, Q3_K, Q6_K with 16-wide groups - are
-// stored as such codes, nibble-packed (4-bit types) or one byte each, with s and z as float16 when that is
-// exact, else float32. The conversion
+// stored as such codes, nibble-packed (4-bit types), nibbles plus a plane of fifth bits (5-bit types), or one
+// byte each, with s and z as float16 when that is exact, else float32. The conversion
 // from the GGUF blocks happens in Python (ember/kernels/qdot.py); this file only multiplies.
 //
 // Activations are quantized per group of 32 to int8 (d = amax / 127, as llama.cpp's Q8_0 activations), so a
@@ -15,7 +15,8 @@
 // 4j + e). One vpdpbusd with the row's 4 activation bytes of chunk j broadcast then adds those 4 products
 // into each column's int32 lane, and 8 of them give all 16 columns' exact group sums with no horizontal
 // reduction. Nibble codes store chunk j in the low and chunk j + 4 in the high nibbles of 4 chunks (256
-// bytes). Scales and mins: 16 per column block and group, or 2 x 16 (elements 0-15, then 16-31) for 16-wide
+// bytes). 5-bit codes add, after those 256 bytes, each chunk's fifth bits as one 64-bit word (bit b: byte b of
+// the chunk; 64 bytes): 320 bytes per group instead of 512, which decode reads from memory every token. Scales and mins: 16 per column block and group, or 2 x 16 (elements 0-15, then 16-31) for 16-wide
 // groups.
 //
 // Invariant (batch invariance): the value computed for output (m, n) depends only on row m of x and column n
@@ -86,13 +87,19 @@ Activations quantize(const float* x, int64_t M, int64_t K) {
 
 template <int BITS>
 inline void load_group(const uint8_t* p, __m512i w[8]) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 4 || BITS == 5) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       __m512i b = _mm512_loadu_si512(p + 64 * j);
       w[j] = _mm512_and_si512(b, m4);
       w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+    }
+    if constexpr (BITS == 5) {
+      const __m512i bit4 = _mm512_set1_epi8(0x10);
+      const uint64_t* hi = reinterpret_cast<const uint64_t*>(p + 256);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) w[j] = _mm512_or_si512(w[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[j]), bit4));
     }
   } else {
 #pragma GCC unroll 8
@@ -114,7 +121,7 @@ constexpr int64_t PREFETCH_BYTES = 4096;
 template <int BITS, typename S, int R, bool HALF>
 inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
                  const S* mins, int64_t cb, float* y, int64_t N, bool prefetch) {
-  constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : 512;
+  constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : BITS == 5 ? 320 : 512;
   constexpr int64_t PARAMS = HALF ? 2 * COLS : COLS;  // scales (and mins) per column block and 32 elements
   const int64_t G = K / GROUP;
   const uint8_t* wc = codes + cb * G * GROUP_BYTES;
@@ -202,9 +209,9 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
 // codes [NB, G, 256 | 512] uint8, scales/mins [NB, G, 16].
 void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
                   int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "qdot: bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "qdot: bits must be 4, 5 or 8");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
-  TORCH_CHECK(codes.size(2) == (bits == 4 ? 256 : 512), "qdot: codes do not match bits");
+  TORCH_CHECK(codes.size(2) == (bits == 4 ? 256 : bits == 5 ? 320 : 512), "qdot: codes do not match bits");
   TORCH_CHECK(scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype(), "qdot: scales/mins differ");
   TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.dim() == 3, "qdot: bad scales");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kFloat16, "qdot: scale dtype");
@@ -232,11 +239,13 @@ torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
     auto s = scales.data_ptr<at::Half>(), z = mins.data_ptr<at::Half>();
     if (half) run<8, at::Half, true>(a, M, K, c, s, z, N, out);
     else if (bits == 4) run<4, at::Half, false>(a, M, K, c, s, z, N, out);
+    else if (bits == 5) run<5, at::Half, false>(a, M, K, c, s, z, N, out);
     else run<8, at::Half, false>(a, M, K, c, s, z, N, out);
   } else {
     auto s = scales.data_ptr<float>(), z = mins.data_ptr<float>();
     if (half) run<8, float, true>(a, M, K, c, s, z, N, out);
     else if (bits == 4) run<4, float, false>(a, M, K, c, s, z, N, out);
+    else if (bits == 5) run<5, float, false>(a, M, K, c, s, z, N, out);
     else run<8, float, false>(a, M, K, c, s, z, N, out);
   }
   return y;
@@ -268,9 +277,13 @@ torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Ten
             const float sc = s[pi], mn = z[pi];
             const int j = e / 4, k = e % 4;
             int u;
-            if (bits == 4) {
+            if (bits == 4 || bits == 5) {
               const uint8_t byte = pc[(j % 4) * 64 + col * 4 + k];
               u = j < 4 ? (byte & 15) : (byte >> 4);
+              if (bits == 5) {
+                const int b = col * 4 + k;  // the element's byte within chunk j; its fifth bit is bit b of word j
+                u |= ((pc[256 + j * 8 + b / 8] >> (b % 8)) & 1) << 4;
+              }
             } else {
               u = pc[j * 64 + col * 4 + k];
             }
