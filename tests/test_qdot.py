@@ -101,6 +101,33 @@ def test_fused_parts_keep_the_wider_form(other, bits):
     assert torch.equal(fused.dequantize(), torch.cat([w4, w8]).bfloat16().float())
 
 
+@pytest.mark.parametrize("qtype,offset", [(T.Q4_0, 8), (T.Q5_0, 16), (T.Q8_0, 128), (T.Q3_K, 4), (T.Q6_K, 32),
+                                          (T.Q4_1, None), (T.Q5_1, None), (T.Q4_K, None), (T.Q2_K, None)],
+                         ids=lambda v: _name(v) if isinstance(v, T) else str(v))
+def test_symmetric_weights_keep_no_mins(qtype, offset):
+    """Types without a per-group bias store z = -offset * s, which the kernel derives: no mins to read."""
+    k = 256
+    raw, w = _weight(qtype, 32, k, seed=11)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, 32))])
+    assert lin.offset == offset
+    assert (lin.mins.numel() == 0) == (offset is not None)
+    assert torch.equal(lin.dequantize(), w.bfloat16().float())
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(12))
+    ref = _reference_qdot(x, w)
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # fused with a part of another offset (or with mins), the weight keeps mins; with the same type, not
+    other = T.Q4_1 if offset is not None else T.Q8_0
+    raw2, w2 = _weight(other, 16, k, seed=13)
+    mixed = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, 32)),
+                                        qdot.parts_from_gguf(raw2, other, (k, 16))])
+    assert mixed.offset is None and mixed.mins.numel() > 0
+    assert torch.equal(mixed.dequantize(), torch.cat([w, w2]).bfloat16().float())
+    same = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, 32))] * 2)
+    assert same.offset == offset
+    want = lin(x)
+    assert torch.equal(same(x), torch.cat([want, want], dim=1))
+
+
 def test_parameters_stay_float32_when_float16_would_round():
     raw, w = _weight(T.Q4_K, 16, 256, seed=5)  # Q4_K's d * scale is generally not a float16
     lin = make_linear(raw, T.Q4_K, (256, 16))

@@ -9,7 +9,8 @@ its own input row and weight row (see the C++ file's invariant), so decode resul
 Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned code. 4-bit types (Q4_0,
 Q4_1, Q4_K) keep nibbles; 5-bit types (Q5_0, Q5_1, Q5_K) nibbles plus a plane of fifth bits (5 bits a weight
 instead of 8: gemma3-270m's layers, mostly Q5_0, went from 71 to 44 MB read per token); the others one byte
-per weight; s and z as float16 when every value is exactly a
+per weight. Symmetric weights (no per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) keep no mins, z = -offset * s
+being derived in the kernel; s and z as float16 when every value is exactly a
 float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Float tensors stay on the dense bfloat16 path.
 
 Every row takes the kernel by default (exact prefill, see ember.kernels.native.EXACT: a row's result never
@@ -55,10 +56,11 @@ def supports(qtype: int, shape: tuple[int, ...]) -> bool:
 
 class QDotParts:
     """One weight's codes and group parameters before packing: u uint8 [N, K], s, z float32 [N, K / group]
-    (group 32, or 16 for Q2_K / Q3_K / Q6_K)."""
+    (group 32, or 16 for Q2_K / Q3_K / Q6_K). offset: o > 0 where z == -o * s in every group (the types
+    without a per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K), else None."""
 
-    def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
-        self.u, self.s, self.z, self.bits = u, s, z, bits
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, offset: int | None = None):
+        self.u, self.s, self.z, self.bits, self.offset = u, s, z, bits, offset
 
     @property
     def group(self) -> int:
@@ -80,7 +82,9 @@ def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int
         q = q.bitwise_xor(0x80)
         offset = 128
     z = torch.add(bias, scale, alpha=-offset)
-    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 5 if qt in FIVE_BIT_TYPES else 8)
+    symmetric = offset > 0 and not bool(bias.any())  # then z = -offset * s exactly (offsets are powers of 2)
+    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 5 if qt in FIVE_BIT_TYPES else 8,
+                     offset if symmetric else None)
 
 
 CODE_BYTES = {4: 256, 5: 320, 8: 512}  # per column block and group of 32
@@ -116,13 +120,18 @@ class QDotLinear(Linear):
     """A Linear over weights packed for the qdot kernel."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, in_features: int,
-                 bias: torch.Tensor | None = None):
-        if codes.dim() != 3 or codes.shape[2] != CODE_BYTES.get(bits) or scales.shape != mins.shape:
+                 bias: torch.Tensor | None = None, offset: int | None = None):
+        """offset: the weight is symmetric, z = -offset * s in every group; mins is then empty and the kernel
+        derives z from s (what a decode step reads shrinks by the mins: 10 MB a token for gemma3's output)."""
+        if codes.dim() != 3 or codes.shape[2] != CODE_BYTES.get(bits):
             raise ValueError("qdot tensors do not match their sizes")
+        if (mins.numel() != 0 or not offset or offset < 0) if offset is not None else scales.shape != mins.shape:
+            raise ValueError("qdot mins do not match the scales (or the offset)")
         if codes.shape[1] * GROUP != in_features or scales.shape[0::2] != (codes.shape[0], COLS) or \
                 scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1] if bits == 8 else -1):
             raise ValueError("qdot codes do not match in_features")
         self.codes, self.scales, self.mins, self.bits = codes, scales, mins, bits
+        self.offset = offset
         self.in_features, self.out_features = in_features, codes.shape[0] * COLS
         self.bias = bias
 
@@ -137,8 +146,10 @@ class QDotLinear(Linear):
         z = torch.cat([p.halves()[1] if half else p.z for p in parts])
         exact16 = all(torch.equal(t.half().float(), t) for t in (s, z))
         dtype = torch.float16 if exact16 else torch.float32
-        return cls(_blocked_codes(u, bits), _blocked_params(s, dtype), _blocked_params(z, dtype), bits, u.shape[1],
-                   bias)
+        offsets = {p.offset for p in parts}
+        offset = offsets.pop() if len(offsets) == 1 else None  # one offset shared by every part, or mins
+        mins = torch.empty(0, dtype=dtype) if offset is not None else _blocked_params(z, dtype)
+        return cls(_blocked_codes(u, bits), _blocked_params(s, dtype), mins, bits, u.shape[1], bias, offset)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = decode_rows()
@@ -158,7 +169,7 @@ class QDotLinear(Linear):
         return y if self.bias is None else y + self.bias
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return extension().qdot_matmul(x.float(), self.codes, self.scales, self.mins, self.bits)
+        return extension().qdot_matmul(x.float(), self.codes, self.scales, self.mins, self.bits, self._offset)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -167,13 +178,18 @@ class QDotLinear(Linear):
         ext = extension()
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
-            w = ext.qdot_dequant(self.codes, self.scales, self.mins, self.bits, n0, n1)
+            w = ext.qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset, n0, n1)
             out[:, n0:n1] = torch.nn.functional.linear(x, w)
         return out
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [N, K] (tests, tooling)."""
-        return extension().qdot_dequant(self.codes, self.scales, self.mins, self.bits, 0, self.out_features).float()
+        return extension().qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset, 0,
+                                        self.out_features).float()
+
+    @property
+    def _offset(self) -> int:
+        return 0 if self.offset is None else self.offset  # the kernel's form: 0 = read the mins
 
     @property
     def nbytes(self) -> int:
@@ -181,4 +197,5 @@ class QDotLinear(Linear):
 
     def state(self) -> dict:
         return {"kind": "qdot", "codes": self.codes, "scales": self.scales, "mins": self.mins, "bits": self.bits,
+                "offset": self.offset,
                 "in_features": self.in_features, "bias": self.bias}

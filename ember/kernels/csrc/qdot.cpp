@@ -15,7 +15,8 @@
 // 4j + e). One vpdpbusd with the row's 4 activation bytes of chunk j broadcast then adds those 4 products
 // into each column's int32 lane, and 8 of them give all 16 columns' exact group sums with no horizontal
 // reduction. Nibble codes store chunk j in the low and chunk j + 4 in the high nibbles of 4 chunks (256
-// bytes). 5-bit codes add, after those 256 bytes, each chunk's fifth bits as one 64-bit word (bit b: byte b of
+// bytes). Symmetric weights (offset o > 0: z = -o * s in every group, the types without a per-group bias) keep
+// no mins: z is derived from s (exact, o is a power of two). 5-bit codes add, after those 256 bytes, each chunk's fifth bits as one 64-bit word (bit b: byte b of
 // the chunk; 64 bytes): 320 bytes per group instead of 512, which decode reads from memory every token. Scales and mins: 16 per column block and group, or 2 x 16 (elements 0-15, then 16-31) for 16-wide
 // groups.
 //
@@ -118,15 +119,16 @@ inline __m512i bcast4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_c
 // 4.7 / 10.2, 1 KiB 4.3 / 9.0, 2 KiB 3.7 / 9.1, 4 KiB 3.7 / 8.5, 8 KiB 5.2 / 10.8.
 constexpr int64_t PREFETCH_BYTES = 4096;
 
-template <int BITS, typename S, int R, bool HALF>
+template <int BITS, typename S, int R, bool HALF, bool SYM>
 inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
-                 const S* mins, int64_t cb, float* y, int64_t N, bool prefetch) {
+                 const S* mins, float neg_offset, int64_t cb, float* y, int64_t N, bool prefetch) {
   constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : BITS == 5 ? 320 : 512;
   constexpr int64_t PARAMS = HALF ? 2 * COLS : COLS;  // scales (and mins) per column block and 32 elements
   const int64_t G = K / GROUP;
   const uint8_t* wc = codes + cb * G * GROUP_BYTES;
   const S* ws = scales + cb * G * PARAMS;
-  const S* wz = mins + cb * G * PARAMS;
+  const S* wz = SYM ? nullptr : mins + cb * G * PARAMS;
+  const __m512 vneg = _mm512_set1_ps(neg_offset);
   __m512 acc[R], zacc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -141,11 +143,12 @@ inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* cod
       for (int64_t b = 0; b < GROUP_BYTES; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
     }
     load_group<BITS>(wc + g * GROUP_BYTES, w);
-    const __m512 s0 = load16<S>(ws + g * PARAMS), z0 = load16<S>(wz + g * PARAMS);
+    const __m512 s0 = load16<S>(ws + g * PARAMS);
+    const __m512 z0 = SYM ? _mm512_mul_ps(s0, vneg) : load16<S>(wz + g * PARAMS);
     __m512 s1 = s0, z1 = z0;
     if constexpr (HALF) {
       s1 = load16<S>(ws + g * PARAMS + COLS);
-      z1 = load16<S>(wz + g * PARAMS + COLS);
+      z1 = SYM ? _mm512_mul_ps(s1, vneg) : load16<S>(wz + g * PARAMS + COLS);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -177,9 +180,9 @@ inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* cod
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * N + cb * COLS, _mm512_add_ps(acc[r], zacc[r]));
 }
 
-template <int BITS, typename S, bool HALF>
+template <int BITS, typename S, bool HALF, bool SYM>
 void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const S* scales, const S* mins,
-         int64_t N, float* y) {
+         float neg_offset, int64_t N, float* y) {
   const int64_t NB = N / COLS;
   // Column blocks split across torch's own thread pool (one OpenMP runtime for the whole process).
   const int64_t grain = std::max<int64_t>(1, NB / (4 * std::max(1, at::get_num_threads())));
@@ -191,14 +194,14 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
       for (int64_t t = 0, m = 0; t < tiles; ++t) {
         const int64_t r = (M - m) / (tiles - t);
         switch (r) {
-          case 8: tile<BITS, S, 8, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 7: tile<BITS, S, 7, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 6: tile<BITS, S, 6, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 5: tile<BITS, S, 5, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 4: tile<BITS, S, 4, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 3: tile<BITS, S, 3, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          case 2: tile<BITS, S, 2, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
-          default: tile<BITS, S, 1, HALF>(a, m, K, codes, scales, mins, cb, y, N, m == 0); break;
+          case 8: tile<BITS, S, 8, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 7: tile<BITS, S, 7, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 6: tile<BITS, S, 6, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 5: tile<BITS, S, 5, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 4: tile<BITS, S, 4, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 3: tile<BITS, S, 3, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 2: tile<BITS, S, 2, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          default: tile<BITS, S, 1, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
         }
         m += r;
       }
@@ -206,13 +209,15 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
   });
 }
 
-// codes [NB, G, 256 | 512] uint8, scales/mins [NB, G, 16].
+// codes [NB, G, 256 | 320 | 512] uint8, scales/mins [NB, G, 16] (mins empty for offset > 0).
 void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
-                  int64_t bits) {
+                  int64_t bits, int64_t offset) {
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "qdot: bits must be 4, 5 or 8");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
   TORCH_CHECK(codes.size(2) == (bits == 4 ? 256 : bits == 5 ? 320 : 512), "qdot: codes do not match bits");
-  TORCH_CHECK(scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype(), "qdot: scales/mins differ");
+  TORCH_CHECK(offset >= 0 && offset <= 128, "qdot: bad offset");
+  TORCH_CHECK(offset > 0 ? mins.numel() == 0 : (scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype()),
+              "qdot: scales/mins differ");
   TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() && scales.dim() == 3, "qdot: bad scales");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kFloat16, "qdot: scale dtype");
   TORCH_CHECK(scales.size(0) == codes.size(0) && (scales.size(1) == codes.size(1) ||
@@ -221,10 +226,27 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 }  // namespace
 
-// x [M, K] (K = 32 * groups) -> y [M, N] float32.
+template <typename S>
+void dispatch(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const S* s, const S* z, int64_t bits,
+              bool half, int64_t offset, int64_t N, float* out) {
+  const float neg = -static_cast<float>(offset);
+  if (offset > 0) {
+    if (half) run<8, S, true, true>(a, M, K, c, s, z, neg, N, out);
+    else if (bits == 4) run<4, S, false, true>(a, M, K, c, s, z, neg, N, out);
+    else if (bits == 5) run<5, S, false, true>(a, M, K, c, s, z, neg, N, out);
+    else run<8, S, false, true>(a, M, K, c, s, z, neg, N, out);
+  } else {
+    if (half) run<8, S, true, false>(a, M, K, c, s, z, neg, N, out);
+    else if (bits == 4) run<4, S, false, false>(a, M, K, c, s, z, neg, N, out);
+    else if (bits == 5) run<5, S, false, false>(a, M, K, c, s, z, neg, N, out);
+    else run<8, S, false, false>(a, M, K, c, s, z, neg, N, out);
+  }
+}
+
+// x [M, K] (K = 32 * groups) -> y [M, N] float32. offset > 0: symmetric weight, z = -offset * s (mins empty).
 torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                          int64_t bits) {
-  check_weight(codes, scales, mins, bits);
+                          int64_t bits, int64_t offset) {
+  check_weight(codes, scales, mins, bits, offset);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == codes.size(1) * GROUP, "qdot: x must be [M, K] matching the weight");
   x = x.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * COLS;
@@ -236,31 +258,26 @@ torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   const bool half = scales.size(1) == 2 * codes.size(1);  // 16-wide groups
   TORCH_CHECK(!half || bits == 8, "qdot: 16-wide groups are stored as bytes");
   if (scales.dtype() == torch::kFloat16) {
-    auto s = scales.data_ptr<at::Half>(), z = mins.data_ptr<at::Half>();
-    if (half) run<8, at::Half, true>(a, M, K, c, s, z, N, out);
-    else if (bits == 4) run<4, at::Half, false>(a, M, K, c, s, z, N, out);
-    else if (bits == 5) run<5, at::Half, false>(a, M, K, c, s, z, N, out);
-    else run<8, at::Half, false>(a, M, K, c, s, z, N, out);
+    const at::Half* z = offset > 0 ? nullptr : mins.data_ptr<at::Half>();
+    dispatch<at::Half>(a, M, K, c, scales.data_ptr<at::Half>(), z, bits, half, offset, N, out);
   } else {
-    auto s = scales.data_ptr<float>(), z = mins.data_ptr<float>();
-    if (half) run<8, float, true>(a, M, K, c, s, z, N, out);
-    else if (bits == 4) run<4, float, false>(a, M, K, c, s, z, N, out);
-    else if (bits == 5) run<5, float, false>(a, M, K, c, s, z, N, out);
-    else run<8, float, false>(a, M, K, c, s, z, N, out);
+    const float* z = offset > 0 ? nullptr : mins.data_ptr<float>();
+    dispatch<float>(a, M, K, c, scales.data_ptr<float>(), z, bits, half, offset, N, out);
   }
   return y;
 }
 
 // Columns [n0, n1) of the weight (multiples of 16) as bfloat16 [n1 - n0, K], for prompt processing's GEMM.
 torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t bits,
-                           int64_t n0, int64_t n1) {
-  check_weight(codes, scales, mins, bits);
+                           int64_t offset, int64_t n0, int64_t n1) {
+  check_weight(codes, scales, mins, bits, offset);
   const int64_t G = codes.size(1), K = G * GROUP;
   TORCH_CHECK(n0 % COLS == 0 && n1 % COLS == 0 && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) * COLS,
               "qdot: bad column range");
   const int64_t group_bytes = codes.size(2);
   const bool half = scales.size(1) == 2 * codes.size(1);
-  auto s32 = scales.to(torch::kFloat32), z32 = mins.to(torch::kFloat32);
+  auto s32 = scales.to(torch::kFloat32);
+  auto z32 = offset > 0 ? s32 * static_cast<double>(-offset) : mins.to(torch::kFloat32);
   const float* s = s32.data_ptr<float>();
   const float* z = z32.data_ptr<float>();
   const uint8_t* c = codes.data_ptr<uint8_t>();
