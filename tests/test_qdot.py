@@ -84,7 +84,7 @@ def test_rows_do_not_depend_on_their_batch(qtype):
     assert torch.equal(lin(x.flip(0)).flip(0), alone)
 
 
-@pytest.mark.parametrize("other,bits", [(T.Q8_0, 8), (T.Q6_K, 8), (T.Q5_0, 5), (T.Q5_K, 5)],
+@pytest.mark.parametrize("other,bits", [(T.Q8_0, 8), (T.Q6_K, 6), (T.Q5_0, 5), (T.Q5_K, 5), (T.Q3_K, 4)],
                          ids=lambda v: _name(v) if isinstance(v, T) else str(v))
 def test_fused_parts_keep_the_wider_form(other, bits):
     k = 256
@@ -93,8 +93,8 @@ def test_fused_parts_keep_the_wider_form(other, bits):
     fused = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw4, T.Q4_0, (k, 32)),
                                         qdot.parts_from_gguf(raw8, other, (k, 48))])
     assert fused.bits == bits and fused.out_features == 80
-    assert fused.codes.shape[2] == {5: 320, 8: 512}[bits]  # 5-bit codes: nibbles + a fifth-bit plane
-    assert fused.scales.shape[1] == (2 if other == T.Q6_K else 1) * k // 32  # 16-wide groups: two per 32
+    assert fused.codes.shape[2] == {4: 256, 5: 320, 6: 384, 8: 512}[bits]  # nibbles + planes of high bits
+    assert fused.scales.shape[1] == (2 if other in (T.Q6_K, T.Q3_K) else 1) * k // 32  # 16-wide: two per 32
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(9))
     ref = _reference_qdot(x, torch.cat([w4, w8]))
     assert torch.allclose(fused(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

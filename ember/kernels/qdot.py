@@ -6,11 +6,12 @@ quantizes the activations to int8 per group of 32 (as llama.cpp does for its CPU
 with `vpdpbusd`, reading each weight once per call for every row of the batch. Each output depends only on
 its own input row and weight row (see the C++ file's invariant), so decode results are batch-invariant.
 
-Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned code. 4-bit types (Q4_0,
-Q4_1, Q4_K) keep nibbles; 5-bit types (Q5_0, Q5_1, Q5_K) nibbles plus a plane of fifth bits (5 bits a weight
-instead of 8: gemma3-270m's layers, mostly Q5_0, went from 71 to 44 MB read per token); the others one byte
-per weight. Symmetric weights (no per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) keep no mins, z = -offset * s
-being derived in the kernel; s and z as float16 when every value is exactly a
+Storage: w = s * u + z per group of 32 (16 for Q2_K, Q3_K, Q6_K), u an unsigned code in as few bits as hold
+it (CODE_BITS): nibbles for the 2- to 4-bit types (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K), nibbles plus one or two
+planes of high bits for 5 and 6 bits (Q5_0, Q5_1, Q5_K; Q6_K), one byte for Q8_0. Decode reads every weight
+byte once a token, so this is its speed: gemma3-270m's layers, mostly Q5_0, went from 71 to 44 MB a token
+when they stopped being bytes. Symmetric weights (no per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) keep no
+mins, z = -offset * s being derived in the kernel; s and z as float16 when every value is exactly a
 float16 (plain Q4_0/Q4_1/Q8_0 files), float32 otherwise. Float tensors stay on the dense bfloat16 path.
 
 Every row takes the kernel by default (exact prefill, see ember.kernels.native.EXACT: a row's result never
@@ -33,11 +34,10 @@ from ember.quant.repack import codes_and_params
 
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
-BYTE_TYPES = frozenset({T.Q8_0})
-NIBBLE_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
-FIVE_BIT_TYPES = frozenset({T.Q5_0, T.Q5_1, T.Q5_K})  # nibbles + a plane of fifth bits
-HALF_GROUP_TYPES = frozenset({T.Q2_K, T.Q3_K, T.Q6_K})  # 16-wide groups, stored as bytes
-QDOT_TYPES = BYTE_TYPES | NIBBLE_TYPES | FIVE_BIT_TYPES | HALF_GROUP_TYPES
+# Bits a type's codes are stored in: nibbles (4), nibbles plus one or two planes of high bits (5, 6), bytes (8).
+CODE_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q2_K: 4, T.Q3_K: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q5_K: 5, T.Q6_K: 6,
+             T.Q8_0: 8}
+QDOT_TYPES = frozenset(CODE_BITS)
 SLAB_WEIGHTS = 1 << 21  # weights dequantized at once for prompt processing (4 MiB of bfloat16)
 
 
@@ -83,18 +83,17 @@ def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int
         offset = 128
     z = torch.add(bias, scale, alpha=-offset)
     symmetric = offset > 0 and not bool(bias.any())  # then z = -offset * s exactly (offsets are powers of 2)
-    return QDotParts(q, scale, z, 4 if qt in NIBBLE_TYPES else 5 if qt in FIVE_BIT_TYPES else 8,
-                     offset if symmetric else None)
+    return QDotParts(q, scale, z, CODE_BITS[qt], offset if symmetric else None)
 
 
-CODE_BYTES = {4: 256, 5: 320, 8: 512}  # per column block and group of 32
+CODE_BYTES = {4: 256, 5: 320, 6: 384, 8: 512}  # per column block and group of 32
 
 
 def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes [N, K] -> [N / 16, G, CODE_BYTES[bits]] in the kernel's layout (see qdot.cpp): per column block
     and group, chunk j holds elements 4j..4j+3 of each of the 16 columns (byte 4c + e), as bytes, or as
-    nibbles (chunks j and j + 4 share bytes), followed for 5 bits by each chunk's fifth bits, a 64-bit
-    little-endian word per chunk (bit b: byte b)."""
+    nibbles (chunks j and j + 4 share bytes), followed for 5 and 6 bits by planes of the fifth (and sixth)
+    bits: a 64-bit little-endian word per chunk (bit b: byte b)."""
     n, k = u.shape
     g = k // GROUP
     v = u.view(n // COLS, COLS, g, 8, 4).permute(0, 2, 3, 1, 4)  # [block, group, chunk, column, element]
@@ -102,12 +101,12 @@ def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
         return v.reshape(n // COLS, g, 512).contiguous()
     low = v & 15
     nibbles = (low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(n // COLS, g, 256)
-    if bits == 4:
-        return nibbles.contiguous()
-    fifth = ((v >> 4) & 1).reshape(n // COLS, g, 8, 8, 8)  # [block, group, chunk, byte of word, bit]
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
-    words = (fifth * weights).sum(-1, dtype=torch.uint8).reshape(n // COLS, g, 64)
-    return torch.cat((nibbles, words), dim=2).contiguous()
+    planes = [nibbles]
+    for bit in range(4, bits):
+        plane = ((v >> bit) & 1).reshape(n // COLS, g, 8, 8, 8)  # [block, group, chunk, byte of word, bit]
+        planes.append((plane * weights).sum(-1, dtype=torch.uint8).reshape(n // COLS, g, 64))
+    return torch.cat(planes, dim=2).contiguous()
 
 
 def _blocked_params(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,7 +127,7 @@ class QDotLinear(Linear):
         if (mins.numel() != 0 or not offset or offset < 0) if offset is not None else scales.shape != mins.shape:
             raise ValueError("qdot mins do not match the scales (or the offset)")
         if codes.shape[1] * GROUP != in_features or scales.shape[0::2] != (codes.shape[0], COLS) or \
-                scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1] if bits == 8 else -1):
+                scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1]):
             raise ValueError("qdot codes do not match in_features")
         self.codes, self.scales, self.mins, self.bits = codes, scales, mins, bits
         self.offset = offset
@@ -137,10 +136,10 @@ class QDotLinear(Linear):
 
     @classmethod
     def from_parts(cls, parts: list[QDotParts], bias: torch.Tensor | None = None) -> "QDotLinear":
-        """Fuse parts along N (q/k/v, gate/up). The fewest bits that hold every part's codes (16-wide groups
-        are stored as bytes); float16 parameters only if every value converts exactly."""
+        """Fuse parts along N (q/k/v, gate/up). The fewest bits that hold every part's codes; float16
+        parameters only if every value converts exactly."""
         half = any(p.group == 16 for p in parts)
-        bits = 8 if half else max(p.bits for p in parts)
+        bits = max(p.bits for p in parts)
         u = torch.cat([p.u for p in parts])
         s = torch.cat([p.halves()[0] if half else p.s for p in parts])
         z = torch.cat([p.halves()[1] if half else p.z for p in parts])

@@ -15,7 +15,7 @@
 // 4j + e). One vpdpbusd with the row's 4 activation bytes of chunk j broadcast then adds those 4 products
 // into each column's int32 lane, and 8 of them give all 16 columns' exact group sums with no horizontal
 // reduction. Nibble codes store chunk j in the low and chunk j + 4 in the high nibbles of 4 chunks (256
-// bytes). Symmetric weights (offset o > 0: z = -o * s in every group, the types without a per-group bias) keep
+// bytes). 6-bit codes (Q6_K) add two such planes, the fifth and the sixth bits (384 bytes). Symmetric weights (offset o > 0: z = -o * s in every group, the types without a per-group bias) keep
 // no mins: z is derived from s (exact, o is a power of two). 5-bit codes add, after those 256 bytes, each chunk's fifth bits as one 64-bit word (bit b: byte b of
 // the chunk; 64 bytes): 320 bytes per group instead of 512, which decode reads from memory every token. Scales and mins: 16 per column block and group, or 2 x 16 (elements 0-15, then 16-31) for 16-wide
 // groups.
@@ -88,7 +88,7 @@ Activations quantize(const float* x, int64_t M, int64_t K) {
 
 template <int BITS>
 inline void load_group(const uint8_t* p, __m512i w[8]) {
-  if constexpr (BITS == 4 || BITS == 5) {
+  if constexpr (BITS == 4 || BITS == 5 || BITS == 6) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -96,11 +96,17 @@ inline void load_group(const uint8_t* p, __m512i w[8]) {
       w[j] = _mm512_and_si512(b, m4);
       w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
     }
-    if constexpr (BITS == 5) {
+    if constexpr (BITS >= 5) {  // plane of fifth bits: chunk j's 64 bits at p + 256 + 8 j
       const __m512i bit4 = _mm512_set1_epi8(0x10);
       const uint64_t* hi = reinterpret_cast<const uint64_t*>(p + 256);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) w[j] = _mm512_or_si512(w[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[j]), bit4));
+    }
+    if constexpr (BITS == 6) {  // and of sixth bits, 64 bytes further
+      const __m512i bit5 = _mm512_set1_epi8(0x20);
+      const uint64_t* hi = reinterpret_cast<const uint64_t*>(p + 320);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) w[j] = _mm512_or_si512(w[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[j]), bit5));
     }
   } else {
 #pragma GCC unroll 8
@@ -122,7 +128,7 @@ constexpr int64_t PREFETCH_BYTES = 4096;
 template <int BITS, typename S, int R, bool HALF, bool SYM>
 inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
                  const S* mins, float neg_offset, int64_t cb, float* y, int64_t N, bool prefetch) {
-  constexpr int64_t GROUP_BYTES = BITS == 4 ? 256 : BITS == 5 ? 320 : 512;
+  constexpr int64_t GROUP_BYTES = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
   constexpr int64_t PARAMS = HALF ? 2 * COLS : COLS;  // scales (and mins) per column block and 32 elements
   const int64_t G = K / GROUP;
   const uint8_t* wc = codes + cb * G * GROUP_BYTES;
@@ -212,9 +218,9 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
 // codes [NB, G, 256 | 320 | 512] uint8, scales/mins [NB, G, 16] (mins empty for offset > 0).
 void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
                   int64_t bits, int64_t offset) {
-  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "qdot: bits must be 4, 5 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "qdot: bits must be 4, 5, 6 or 8");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
-  TORCH_CHECK(codes.size(2) == (bits == 4 ? 256 : bits == 5 ? 320 : 512), "qdot: codes do not match bits");
+  TORCH_CHECK(codes.size(2) == (bits == 8 ? 512 : 256 + 64 * (bits - 4)), "qdot: codes do not match bits");
   TORCH_CHECK(offset >= 0 && offset <= 128, "qdot: bad offset");
   TORCH_CHECK(offset > 0 ? mins.numel() == 0 : (scales.sizes() == mins.sizes() && scales.dtype() == mins.dtype()),
               "qdot: scales/mins differ");
@@ -226,20 +232,27 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 }  // namespace
 
+template <typename S, bool HALF, bool SYM>
+void dispatch_bits(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const S* s, const S* z,
+                   int64_t bits, float neg, int64_t N, float* out) {
+  switch (bits) {
+    case 4: run<4, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
+    case 5: run<5, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
+    case 6: run<6, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
+    default: run<8, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
+  }
+}
+
 template <typename S>
 void dispatch(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const S* s, const S* z, int64_t bits,
               bool half, int64_t offset, int64_t N, float* out) {
   const float neg = -static_cast<float>(offset);
   if (offset > 0) {
-    if (half) run<8, S, true, true>(a, M, K, c, s, z, neg, N, out);
-    else if (bits == 4) run<4, S, false, true>(a, M, K, c, s, z, neg, N, out);
-    else if (bits == 5) run<5, S, false, true>(a, M, K, c, s, z, neg, N, out);
-    else run<8, S, false, true>(a, M, K, c, s, z, neg, N, out);
+    if (half) dispatch_bits<S, true, true>(a, M, K, c, s, z, bits, neg, N, out);
+    else dispatch_bits<S, false, true>(a, M, K, c, s, z, bits, neg, N, out);
   } else {
-    if (half) run<8, S, true, false>(a, M, K, c, s, z, neg, N, out);
-    else if (bits == 4) run<4, S, false, false>(a, M, K, c, s, z, neg, N, out);
-    else if (bits == 5) run<5, S, false, false>(a, M, K, c, s, z, neg, N, out);
-    else run<8, S, false, false>(a, M, K, c, s, z, neg, N, out);
+    if (half) dispatch_bits<S, true, false>(a, M, K, c, s, z, bits, neg, N, out);
+    else dispatch_bits<S, false, false>(a, M, K, c, s, z, bits, neg, N, out);
   }
 }
 
@@ -256,7 +269,6 @@ torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
   const bool half = scales.size(1) == 2 * codes.size(1);  // 16-wide groups
-  TORCH_CHECK(!half || bits == 8, "qdot: 16-wide groups are stored as bytes");
   if (scales.dtype() == torch::kFloat16) {
     const at::Half* z = offset > 0 ? nullptr : mins.data_ptr<at::Half>();
     dispatch<at::Half>(a, M, K, c, scales.data_ptr<at::Half>(), z, bits, half, offset, N, out);
@@ -294,13 +306,12 @@ torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Ten
             const float sc = s[pi], mn = z[pi];
             const int j = e / 4, k = e % 4;
             int u;
-            if (bits == 4 || bits == 5) {
+            if (bits < 8) {
               const uint8_t byte = pc[(j % 4) * 64 + col * 4 + k];
               u = j < 4 ? (byte & 15) : (byte >> 4);
-              if (bits == 5) {
-                const int b = col * 4 + k;  // the element's byte within chunk j; its fifth bit is bit b of word j
-                u |= ((pc[256 + j * 8 + b / 8] >> (b % 8)) & 1) << 4;
-              }
+              const int b = col * 4 + k;  // the element's byte within chunk j: bit b of each plane's word j
+              for (int plane = 0; plane < bits - 4; ++plane)
+                u |= ((pc[256 + 64 * plane + j * 8 + b / 8] >> (b % 8)) & 1) << (4 + plane);
             } else {
               u = pc[j * 64 + col * 4 + k];
             }
