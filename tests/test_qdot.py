@@ -128,6 +128,30 @@ def test_symmetric_weights_keep_no_mins(qtype, offset):
     assert torch.equal(same(x), torch.cat([want, want], dim=1))
 
 
+@pytest.mark.parametrize("qtype,bits_per_weight", [(T.Q4_K, 4.75), (T.Q5_K, 5.75), (T.Q2_K, 5.25),
+                                                   (T.Q3_K, 4.625), (T.Q6_K, 6.625)],
+                         ids=lambda v: _name(v) if isinstance(v, T) else str(v))
+def test_k_quants_keep_their_two_levels_of_scales(qtype, bits_per_weight):
+    """d per 256 weights times an int8 per group: the same products the float32 parameters held."""
+    n, k = 48, 512
+    raw, w = _weight(qtype, n, k, seed=14)
+    lin = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n))])
+    assert lin.scale_codes.dtype == torch.int8 and lin.scales.shape == (n // 16, k // 256, 16)
+    assert lin.nbytes * 8 / (n * k) == bits_per_weight
+    assert torch.equal(lin.dequantize(), w.bfloat16().float())
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(15))
+    ref = _reference_qdot(x, w)
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(7)])
+    assert torch.equal(lin(x), alone)
+    # fused with a part that has no super-blocks (Q8_0), the weight keeps per-group float parameters
+    raw8, w8 = _weight(T.Q8_0, 16, k, seed=16)
+    mixed = qdot.QDotLinear.from_parts([qdot.parts_from_gguf(raw, qtype, (k, n)),
+                                        qdot.parts_from_gguf(raw8, T.Q8_0, (k, 16))])
+    assert mixed.scale_codes.numel() == 0
+    assert torch.equal(mixed.dequantize(), torch.cat([w, w8]).bfloat16().float())
+
+
 def test_parameters_stay_float32_when_float16_would_round():
     raw, w = _weight(T.Q4_K, 16, 256, seed=5)  # Q4_K's d * scale is generally not a float16
     lin = make_linear(raw, T.Q4_K, (256, 16))

@@ -176,7 +176,8 @@ def linear_from_state(state: dict) -> Linear:
         if not qdot.available():
             raise ValueError("qdot kernel not available in this process")
         return qdot.QDotLinear(state["codes"], state["scales"], state["mins"], int(state["bits"]),
-                               int(state["in_features"]), state["bias"], offset=state.get("offset"))
+                               int(state["in_features"]), state["bias"], offset=state.get("offset"),
+                               scale_codes=state.get("scale_codes"), min_codes=state.get("min_codes"))
     if state["kind"] == "dense":
         weight = state["weight"]
         if weight.dtype != COMPUTE_DTYPE or weight.dim() != 2:

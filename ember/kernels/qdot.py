@@ -30,6 +30,8 @@ from gguf import GGMLQuantizationType as T
 
 from ember.kernels import int4_dense, native
 from ember.kernels.linear import Linear, decode_rows
+from ember.quant.dequant import as_byte_tensor
+from ember.quant.formats import format_of
 from ember.quant.repack import codes_and_params
 
 GROUP = 32
@@ -57,10 +59,14 @@ def supports(qtype: int, shape: tuple[int, ...]) -> bool:
 class QDotParts:
     """One weight's codes and group parameters before packing: u uint8 [N, K], s, z float32 [N, K / group]
     (group 32, or 16 for Q2_K / Q3_K / Q6_K). offset: o > 0 where z == -o * s in every group (the types
-    without a per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K), else None."""
+    without a per-group bias: Q4_0, Q5_0, Q8_0, Q3_K, Q6_K), else None. K-quants also carry their super-block
+    factors [N, K / 256]: s_super (d: s = d * sc, sc a small integer per group) and z_super (-dmin, or
+    -offset * d for the symmetric ones: z = z_super * m)."""
 
-    def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, offset: int | None = None):
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, offset: int | None = None,
+                 s_super: torch.Tensor | None = None, z_super: torch.Tensor | None = None):
         self.u, self.s, self.z, self.bits, self.offset = u, s, z, bits, offset
+        self.s_super, self.z_super = s_super, z_super
 
     @property
     def group(self) -> int:
@@ -83,10 +89,35 @@ def parts_from_gguf(raw: np.ndarray | torch.Tensor, qtype: int, shape: tuple[int
         offset = 128
     z = torch.add(bias, scale, alpha=-offset)
     symmetric = offset > 0 and not bool(bias.any())  # then z = -offset * s exactly (offsets are powers of 2)
-    return QDotParts(q, scale, z, CODE_BITS[qt], offset if symmetric else None)
+    s_super = z_super = None
+    if qt in K_SUPER_FIELDS:  # the fp16 d (and dmin) of every super-block of 256
+        d_at, dmin_at = K_SUPER_FIELDS[qt]
+        blocks = as_byte_tensor(raw).view(-1, format_of(qt).type_size)
+        rows = q.shape[0]
+        s_super = blocks[:, d_at:d_at + 2].contiguous().view(torch.float16).float().view(rows, -1)
+        if dmin_at is None:
+            z_super = s_super * -offset
+        else:
+            z_super = -blocks[:, dmin_at:dmin_at + 2].contiguous().view(torch.float16).float().view(rows, -1)
+    return QDotParts(q, scale, z, CODE_BITS[qt], offset if symmetric else None, s_super, z_super)
+
+
+def _two_level(x: torch.Tensor, sup: torch.Tensor) -> torch.Tensor | None:
+    """x [N, P] as sup [N, P / r] (repeated) times int8 codes [N, P], or None where that is not exact."""
+    rep = sup.repeat_interleave(x.shape[1] // sup.shape[1], 1)
+    m = torch.where(rep != 0, x / torch.where(rep != 0, rep, torch.ones_like(rep)), torch.zeros_like(x))
+    codes = m.round()
+    if not torch.equal(codes, m) or bool(((codes < -128) | (codes > 127)).any()) or not torch.equal(rep * codes, x):
+        return None
+    return codes.to(torch.int8)
 
 
 CODE_BYTES = {4: 256, 5: 320, 6: 384, 8: 512}  # per column block and group of 32
+# K-quants: byte offsets of the fp16 super-block d and dmin in a block (ember/quant/dequant.py's table). Their
+# group parameters are d * sc and -dmin * m with sc, m small integers: stored as d per 256 weights and an int8
+# per group (1 byte where a float32 product took 4: Q4_K 6 -> 4.6 bits a weight, llama.cpp reads 4.5).
+K_SUPER_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108, None), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
+K_SUPER = 256
 
 
 def _blocked_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
@@ -119,17 +150,28 @@ class QDotLinear(Linear):
     """A Linear over weights packed for the qdot kernel."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, in_features: int,
-                 bias: torch.Tensor | None = None, offset: int | None = None):
+                 bias: torch.Tensor | None = None, offset: int | None = None,
+                 scale_codes: torch.Tensor | None = None, min_codes: torch.Tensor | None = None):
         """offset: the weight is symmetric, z = -offset * s in every group; mins is then empty and the kernel
-        derives z from s (what a decode step reads shrinks by the mins: 10 MB a token for gemma3's output)."""
+        derives z from s (what a decode step reads shrinks by the mins: 10 MB a token for gemma3's output).
+        scale_codes (and min_codes unless symmetric): two-level parameters, scales/mins then hold one float32
+        per super-block of 256 and the codes an int8 factor per group (see K_SUPER_FIELDS)."""
+        empty = torch.empty(0, dtype=torch.int8)
+        scale_codes = empty if scale_codes is None else scale_codes
+        min_codes = empty if min_codes is None else min_codes
         if codes.dim() != 3 or codes.shape[2] != CODE_BYTES.get(bits):
             raise ValueError("qdot tensors do not match their sizes")
         if (mins.numel() != 0 or not offset or offset < 0) if offset is not None else scales.shape != mins.shape:
             raise ValueError("qdot mins do not match the scales (or the offset)")
-        if codes.shape[1] * GROUP != in_features or scales.shape[0::2] != (codes.shape[0], COLS) or \
-                scales.shape[1] not in (codes.shape[1], 2 * codes.shape[1]):
+        groups = scale_codes if scale_codes.numel() else scales  # what holds one entry per group
+        if codes.shape[1] * GROUP != in_features or groups.shape[0::2] != (codes.shape[0], COLS) or \
+                groups.shape[1] not in (codes.shape[1], 2 * codes.shape[1]):
             raise ValueError("qdot codes do not match in_features")
+        if scale_codes.numel() and (scales.shape != (codes.shape[0], codes.shape[1] * GROUP // K_SUPER, COLS) or
+                                    (offset is None and min_codes.shape != scale_codes.shape)):
+            raise ValueError("qdot two-level parameters do not match")
         self.codes, self.scales, self.mins, self.bits = codes, scales, mins, bits
+        self.scale_codes, self.min_codes = scale_codes, min_codes
         self.offset = offset
         self.in_features, self.out_features = in_features, codes.shape[0] * COLS
         self.bias = bias
@@ -147,8 +189,20 @@ class QDotLinear(Linear):
         dtype = torch.float16 if exact16 else torch.float32
         offsets = {p.offset for p in parts}
         offset = offsets.pop() if len(offsets) == 1 else None  # one offset shared by every part, or mins
+        codes = _blocked_codes(u, bits)
+        if all(p.s_super is not None for p in parts):  # K-quants: their two levels, where exact
+            s_sup = torch.cat([p.s_super for p in parts])
+            z_sup = torch.cat([p.z_super for p in parts])
+            sc = _two_level(s, s_sup)
+            mc = None if offset is not None else _two_level(z, z_sup)
+            if sc is not None and (offset is not None or mc is not None):
+                f32 = torch.float32
+                no_mins = torch.empty(0, dtype=f32)
+                return cls(codes, _blocked_params(s_sup, f32), no_mins if offset is not None else
+                           _blocked_params(z_sup, f32), bits, u.shape[1], bias, offset,
+                           _blocked_params(sc, torch.int8), None if mc is None else _blocked_params(mc, torch.int8))
         mins = torch.empty(0, dtype=dtype) if offset is not None else _blocked_params(z, dtype)
-        return cls(_blocked_codes(u, bits), _blocked_params(s, dtype), mins, bits, u.shape[1], bias, offset)
+        return cls(codes, _blocked_params(s, dtype), mins, bits, u.shape[1], bias, offset)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = decode_rows()
@@ -168,7 +222,8 @@ class QDotLinear(Linear):
         return y if self.bias is None else y + self.bias
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return extension().qdot_matmul(x.float(), self.codes, self.scales, self.mins, self.bits, self._offset)
+        return extension().qdot_matmul(x.float(), self.codes, self.scales, self.mins, self.bits, self._offset,
+                                       self.scale_codes, self.min_codes)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
@@ -177,14 +232,15 @@ class QDotLinear(Linear):
         ext = extension()
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
-            w = ext.qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset, n0, n1)
+            w = ext.qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset, self.scale_codes,
+                                 self.min_codes, n0, n1)
             out[:, n0:n1] = torch.nn.functional.linear(x, w)
         return out
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [N, K] (tests, tooling)."""
-        return extension().qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset, 0,
-                                        self.out_features).float()
+        return extension().qdot_dequant(self.codes, self.scales, self.mins, self.bits, self._offset,
+                                        self.scale_codes, self.min_codes, 0, self.out_features).float()
 
     @property
     def _offset(self) -> int:
@@ -192,9 +248,10 @@ class QDotLinear(Linear):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.codes, self.scales, self.mins, self.scale_codes, self.min_codes))
 
     def state(self) -> dict:
         return {"kind": "qdot", "codes": self.codes, "scales": self.scales, "mins": self.mins, "bits": self.bits,
-                "offset": self.offset,
+                "offset": self.offset, "scale_codes": self.scale_codes, "min_codes": self.min_codes,
                 "in_features": self.in_features, "bias": self.bias}

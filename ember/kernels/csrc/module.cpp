@@ -2,9 +2,9 @@
 #include <torch/extension.h>
 
 torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                          int64_t bits, int64_t offset);
+                          int64_t bits, int64_t offset, torch::Tensor scodes, torch::Tensor mcodes);
 torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t bits,
-                           int64_t offset, int64_t n0, int64_t n1);
+                           int64_t offset, torch::Tensor scodes, torch::Tensor mcodes, int64_t n0, int64_t n1);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kpool, torch::Tensor vpool, torch::Tensor tables,
                               torch::Tensor lens, int64_t block_size, int64_t window, double scale);
 bool supports_head_sizes(int64_t d, int64_t dv);

@@ -125,16 +125,38 @@ inline __m512i bcast4(const int8_t* p) { return _mm512_set1_epi32(*reinterpret_c
 // 4.7 / 10.2, 1 KiB 4.3 / 9.0, 2 KiB 3.7 / 9.1, 4 KiB 3.7 / 8.5, 8 KiB 5.2 / 10.8.
 constexpr int64_t PREFETCH_BYTES = 4096;
 
-template <int BITS, typename S, int R, bool HALF, bool SYM>
-inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const S* scales,
-                 const S* mins, float neg_offset, int64_t cb, float* y, int64_t N, bool prefetch) {
+// 16 int8 -> 16 floats
+inline __m512 i8ps(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Params: per group s (and z unless SYM: z = -offset * s); TWO: s = ss * sc with ss per super-block of 256
+// (8 groups of 32) and sc an int8 per group (and z = zs * zc), the K-quants' own two levels - 2 bytes per
+// group instead of a float32 product each, the same values (the products are exact in float32).
+struct Params {
+  const void* scales;
+  const void* mins;
+  const int8_t* scodes;
+  const int8_t* mcodes;
+  float neg_offset;
+};
+
+template <int BITS, typename S, int R, bool HALF, bool SYM, bool TWO>
+inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* codes, const Params& pp,
+                 int64_t cb, float* y, int64_t N, bool prefetch) {
   constexpr int64_t GROUP_BYTES = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
   constexpr int64_t PARAMS = HALF ? 2 * COLS : COLS;  // scales (and mins) per column block and 32 elements
   const int64_t G = K / GROUP;
   const uint8_t* wc = codes + cb * G * GROUP_BYTES;
-  const S* ws = scales + cb * G * PARAMS;
-  const S* wz = SYM ? nullptr : mins + cb * G * PARAMS;
-  const __m512 vneg = _mm512_set1_ps(neg_offset);
+  const S* scales = static_cast<const S*>(pp.scales);
+  const S* mins = static_cast<const S*>(pp.mins);
+  const int64_t per = TWO ? COLS : PARAMS;  // values per column block in one step of `scales`
+  const S* ws = scales + cb * (TWO ? G / 8 : G) * per;
+  const S* wz = SYM ? nullptr : mins + cb * (TWO ? G / 8 : G) * per;
+  const int8_t* wsc = TWO ? pp.scodes + cb * G * PARAMS : nullptr;
+  const int8_t* wzc = TWO && !SYM ? pp.mcodes + cb * G * PARAMS : nullptr;
+  const __m512 vneg = _mm512_set1_ps(pp.neg_offset);
+  __m512 ss = _mm512_setzero_ps(), zs = _mm512_setzero_ps();
   __m512 acc[R], zacc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -149,12 +171,27 @@ inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* cod
       for (int64_t b = 0; b < GROUP_BYTES; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
     }
     load_group<BITS>(wc + g * GROUP_BYTES, w);
-    const __m512 s0 = load16<S>(ws + g * PARAMS);
-    const __m512 z0 = SYM ? _mm512_mul_ps(s0, vneg) : load16<S>(wz + g * PARAMS);
-    __m512 s1 = s0, z1 = z0;
-    if constexpr (HALF) {
-      s1 = load16<S>(ws + g * PARAMS + COLS);
-      z1 = SYM ? _mm512_mul_ps(s1, vneg) : load16<S>(wz + g * PARAMS + COLS);
+    __m512 s0, z0, s1, z1;
+    if constexpr (TWO) {
+      if (g % 8 == 0) {
+        ss = load16<S>(ws + (g / 8) * COLS);
+        if constexpr (!SYM) zs = load16<S>(wz + (g / 8) * COLS);
+      }
+      s0 = _mm512_mul_ps(ss, i8ps(wsc + g * PARAMS));
+      z0 = SYM ? _mm512_mul_ps(s0, vneg) : _mm512_mul_ps(zs, i8ps(wzc + g * PARAMS));
+      s1 = s0, z1 = z0;
+      if constexpr (HALF) {
+        s1 = _mm512_mul_ps(ss, i8ps(wsc + g * PARAMS + COLS));
+        z1 = SYM ? _mm512_mul_ps(s1, vneg) : _mm512_mul_ps(zs, i8ps(wzc + g * PARAMS + COLS));
+      }
+    } else {
+      s0 = load16<S>(ws + g * PARAMS);
+      z0 = SYM ? _mm512_mul_ps(s0, vneg) : load16<S>(wz + g * PARAMS);
+      s1 = s0, z1 = z0;
+      if constexpr (HALF) {
+        s1 = load16<S>(ws + g * PARAMS + COLS);
+        z1 = SYM ? _mm512_mul_ps(s1, vneg) : load16<S>(wz + g * PARAMS + COLS);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -186,9 +223,8 @@ inline void tile(const Activations& a, int64_t m0, int64_t K, const uint8_t* cod
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (m0 + r) * N + cb * COLS, _mm512_add_ps(acc[r], zacc[r]));
 }
 
-template <int BITS, typename S, bool HALF, bool SYM>
-void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const S* scales, const S* mins,
-         float neg_offset, int64_t N, float* y) {
+template <int BITS, typename S, bool HALF, bool SYM, bool TWO>
+void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const Params& pp, int64_t N, float* y) {
   const int64_t NB = N / COLS;
   // Column blocks split across torch's own thread pool (one OpenMP runtime for the whole process).
   const int64_t grain = std::max<int64_t>(1, NB / (4 * std::max(1, at::get_num_threads())));
@@ -200,14 +236,14 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
       for (int64_t t = 0, m = 0; t < tiles; ++t) {
         const int64_t r = (M - m) / (tiles - t);
         switch (r) {
-          case 8: tile<BITS, S, 8, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 7: tile<BITS, S, 7, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 6: tile<BITS, S, 6, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 5: tile<BITS, S, 5, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 4: tile<BITS, S, 4, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 3: tile<BITS, S, 3, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          case 2: tile<BITS, S, 2, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
-          default: tile<BITS, S, 1, HALF, SYM>(a, m, K, codes, scales, mins, neg_offset, cb, y, N, m == 0); break;
+          case 8: tile<BITS, S, 8, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 7: tile<BITS, S, 7, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 6: tile<BITS, S, 6, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 5: tile<BITS, S, 5, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 4: tile<BITS, S, 4, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 3: tile<BITS, S, 3, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          case 2: tile<BITS, S, 2, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
+          default: tile<BITS, S, 1, HALF, SYM, TWO>(a, m, K, codes, pp, cb, y, N, m == 0); break;
         }
         m += r;
       }
@@ -215,9 +251,27 @@ void run(const Activations& a, int64_t M, int64_t K, const uint8_t* codes, const
   });
 }
 
-// codes [NB, G, 256 | 320 | 512] uint8, scales/mins [NB, G, 16] (mins empty for offset > 0).
+// codes [NB, G, 256 | 320 | 384 | 512] uint8, scales/mins [NB, G or 2G, 16] (mins empty for offset > 0); or, with
+// scale codes (two levels): scales/mins float32 [NB, G / 8, 16] and scodes/mcodes int8 [NB, G or 2G, 16].
 void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins,
-                  int64_t bits, int64_t offset) {
+                  int64_t bits, int64_t offset, const torch::Tensor& scodes, const torch::Tensor& mcodes) {
+  if (scodes.numel() > 0) {
+    TORCH_CHECK(scodes.dtype() == torch::kInt8 && scodes.is_contiguous() && scodes.dim() == 3 &&
+                scodes.size(0) == codes.size(0) && scodes.size(2) == COLS &&
+                (scodes.size(1) == codes.size(1) || scodes.size(1) == 2 * codes.size(1)), "qdot: bad scale codes");
+    TORCH_CHECK(offset > 0 ? mcodes.numel() == 0 : (mcodes.sizes() == scodes.sizes() &&
+                mcodes.dtype() == torch::kInt8 && mcodes.is_contiguous()), "qdot: bad min codes");
+    TORCH_CHECK(codes.size(1) % 8 == 0 && scales.dtype() == torch::kFloat32 && scales.is_contiguous() &&
+                scales.dim() == 3 && scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) / 8 &&
+                scales.size(2) == COLS, "qdot: bad super-block scales");
+    TORCH_CHECK(offset > 0 ? mins.numel() == 0 : (mins.sizes() == scales.sizes() &&
+                mins.dtype() == torch::kFloat32 && mins.is_contiguous()), "qdot: bad super-block mins");
+    TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "qdot: bits must be 4, 5, 6 or 8");
+    TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
+    TORCH_CHECK(codes.size(2) == (bits == 8 ? 512 : 256 + 64 * (bits - 4)), "qdot: codes do not match bits");
+    TORCH_CHECK(offset >= 0 && offset <= 128, "qdot: bad offset");
+    return;
+  }
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "qdot: bits must be 4, 5, 6 or 8");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 3, "qdot: bad codes");
   TORCH_CHECK(codes.size(2) == (bits == 8 ? 512 : 256 + 64 * (bits - 4)), "qdot: codes do not match bits");
@@ -232,34 +286,34 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 }  // namespace
 
-template <typename S, bool HALF, bool SYM>
-void dispatch_bits(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const S* s, const S* z,
-                   int64_t bits, float neg, int64_t N, float* out) {
+template <typename S, bool HALF, bool SYM, bool TWO>
+void dispatch_bits(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const Params& pp, int64_t bits,
+                   int64_t N, float* out) {
   switch (bits) {
-    case 4: run<4, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
-    case 5: run<5, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
-    case 6: run<6, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
-    default: run<8, S, HALF, SYM>(a, M, K, c, s, z, neg, N, out); break;
+    case 4: run<4, S, HALF, SYM, TWO>(a, M, K, c, pp, N, out); break;
+    case 5: run<5, S, HALF, SYM, TWO>(a, M, K, c, pp, N, out); break;
+    case 6: run<6, S, HALF, SYM, TWO>(a, M, K, c, pp, N, out); break;
+    default: run<8, S, HALF, SYM, TWO>(a, M, K, c, pp, N, out); break;
   }
 }
 
-template <typename S>
-void dispatch(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const S* s, const S* z, int64_t bits,
-              bool half, int64_t offset, int64_t N, float* out) {
-  const float neg = -static_cast<float>(offset);
-  if (offset > 0) {
-    if (half) dispatch_bits<S, true, true>(a, M, K, c, s, z, bits, neg, N, out);
-    else dispatch_bits<S, false, true>(a, M, K, c, s, z, bits, neg, N, out);
+template <typename S, bool TWO>
+void dispatch(const Activations& a, int64_t M, int64_t K, const uint8_t* c, const Params& pp, int64_t bits,
+              bool half, bool sym, int64_t N, float* out) {
+  if (sym) {
+    if (half) dispatch_bits<S, true, true, TWO>(a, M, K, c, pp, bits, N, out);
+    else dispatch_bits<S, false, true, TWO>(a, M, K, c, pp, bits, N, out);
   } else {
-    if (half) dispatch_bits<S, true, false>(a, M, K, c, s, z, bits, neg, N, out);
-    else dispatch_bits<S, false, false>(a, M, K, c, s, z, bits, neg, N, out);
+    if (half) dispatch_bits<S, true, false, TWO>(a, M, K, c, pp, bits, N, out);
+    else dispatch_bits<S, false, false, TWO>(a, M, K, c, pp, bits, N, out);
   }
 }
 
 // x [M, K] (K = 32 * groups) -> y [M, N] float32. offset > 0: symmetric weight, z = -offset * s (mins empty).
+// scodes/mcodes non-empty: two-level parameters (see Params).
 torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                          int64_t bits, int64_t offset) {
-  check_weight(codes, scales, mins, bits, offset);
+                          int64_t bits, int64_t offset, torch::Tensor scodes, torch::Tensor mcodes) {
+  check_weight(codes, scales, mins, bits, offset, scodes, mcodes);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == codes.size(1) * GROUP, "qdot: x must be [M, K] matching the weight");
   x = x.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * COLS;
@@ -268,27 +322,31 @@ torch::Tensor qdot_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   Activations a = quantize(x.data_ptr<float>(), M, K);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
-  const bool half = scales.size(1) == 2 * codes.size(1);  // 16-wide groups
-  if (scales.dtype() == torch::kFloat16) {
-    const at::Half* z = offset > 0 ? nullptr : mins.data_ptr<at::Half>();
-    dispatch<at::Half>(a, M, K, c, scales.data_ptr<at::Half>(), z, bits, half, offset, N, out);
-  } else {
-    const float* z = offset > 0 ? nullptr : mins.data_ptr<float>();
-    dispatch<float>(a, M, K, c, scales.data_ptr<float>(), z, bits, half, offset, N, out);
-  }
+  const bool two = scodes.numel() > 0;
+  const bool half = (two ? scodes.size(1) : scales.size(1)) == 2 * codes.size(1);  // 16-wide groups
+  Params pp{scales.data_ptr(), offset > 0 ? nullptr : mins.data_ptr(), two ? scodes.data_ptr<int8_t>() : nullptr,
+            two && offset == 0 ? mcodes.data_ptr<int8_t>() : nullptr, -static_cast<float>(offset)};
+  if (two) dispatch<float, true>(a, M, K, c, pp, bits, half, offset > 0, N, out);
+  else if (scales.dtype() == torch::kFloat16) dispatch<at::Half, false>(a, M, K, c, pp, bits, half, offset > 0, N, out);
+  else dispatch<float, false>(a, M, K, c, pp, bits, half, offset > 0, N, out);
   return y;
 }
 
 // Columns [n0, n1) of the weight (multiples of 16) as bfloat16 [n1 - n0, K], for prompt processing's GEMM.
 torch::Tensor qdot_dequant(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins, int64_t bits,
-                           int64_t offset, int64_t n0, int64_t n1) {
-  check_weight(codes, scales, mins, bits, offset);
+                           int64_t offset, torch::Tensor scodes, torch::Tensor mcodes, int64_t n0, int64_t n1) {
+  check_weight(codes, scales, mins, bits, offset, scodes, mcodes);
+  if (scodes.numel() > 0) {  // expand the two levels to per-group values: the flat form below
+    const int64_t rep = scodes.size(1) / scales.size(1);
+    scales = scales.repeat_interleave(rep, 1) * scodes.to(torch::kFloat32);
+    mins = offset > 0 ? mins : mins.repeat_interleave(rep, 1) * mcodes.to(torch::kFloat32);
+  }
   const int64_t G = codes.size(1), K = G * GROUP;
   TORCH_CHECK(n0 % COLS == 0 && n1 % COLS == 0 && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) * COLS,
               "qdot: bad column range");
   const int64_t group_bytes = codes.size(2);
   const bool half = scales.size(1) == 2 * codes.size(1);
-  auto s32 = scales.to(torch::kFloat32);
+  auto s32 = scales.to(torch::kFloat32).contiguous();
   auto z32 = offset > 0 ? s32 * static_cast<double>(-offset) : mins.to(torch::kFloat32);
   const float* s = s32.data_ptr<float>();
   const float* z = z32.data_ptr<float>();
