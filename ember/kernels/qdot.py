@@ -115,7 +115,7 @@ def _two_level(x: torch.Tensor, sup: torch.Tensor) -> torch.Tensor | None:
 CODE_BYTES = {4: 256, 5: 320, 6: 384, 8: 512}  # per column block and group of 32
 # K-quants: byte offsets of the fp16 super-block d and dmin in a block (ember/quant/dequant.py's table). Their
 # group parameters are d * sc and -dmin * m with sc, m small integers: stored as d per 256 weights and an int8
-# per group (1 byte where a float32 product took 4: Q4_K 6 -> 4.6 bits a weight, llama.cpp reads 4.5).
+# per group (1 byte where a float32 product took 4: Q4_K 6 -> 4.75 bits a weight, llama.cpp reads 4.5).
 K_SUPER_FIELDS = {T.Q2_K: (80, 82), T.Q3_K: (108, None), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
 K_SUPER = 256
 
