@@ -1,5 +1,6 @@
 """Registry tests: push and pull through a real registry (docker-registry, tests/registry_fixture.py) between
 separate EMBER_HOME folders; resumable parallel downloads; and the ways a registry can hand over bad data.
+(Registries that ask for credentials: test_registry_auth.py; shared helpers: registry_helpers.py.)
 
 Broken registries are played by the real one: tests rewrite the bytes in its storage folder (a flipped byte,
 a truncated blob, a manifest that is not the one its digest names) or push manifests it accepts but Ember
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -28,101 +28,22 @@ import pytest
 
 from ember.errors import EmberError, ModelNotFoundError
 from ember.store import resolve_model
-from ember.store.blobs import blob_path, write_blob
-from ember.store.create import create
-from ember.store.manifests import CONFIG_MEDIA_TYPE, MEDIA_TYPES, Layer, Manifest, manifest_path, write_manifest
-from ember.store.modelfile import parse_modelfile
+from ember.store.blobs import blob_path
+from ember.store.manifests import MEDIA_TYPES, Manifest, manifest_path
 from ember.store.names import parse_name
 from ember.store.registry import (
     PARTIAL_PREFIX,
     TransferOptions,
-    parse_challenge,
     partial_paths,
     pull,
     push,
 )
-from registry_fixture import Registry, registry, start_registry  # noqa: F401  (registry is a fixture)
+from registry_fixture import Registry, registry  # noqa: F401  (registry is a fixture)
+from registry_helpers import (  # noqa: F401  (homes is a fixture)
+    Homes, ember, homes, listing, make_model, make_raw_model, partial_files, push_raw_manifest, seeds)
 from tiny_models import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---- helpers -------------------------------------------------------------------------------------------------
-
-
-def listing(home: Path) -> dict[str, tuple[int, str]]:
-    """Every file in a store (but locks/) -> (size, sha256)."""
-    out = {}
-    if home.exists():
-        for p in sorted(home.rglob("*")):
-            rel = p.relative_to(home).as_posix()
-            if p.is_file() and "/locks/" not in f"/{rel}":
-                out[rel] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
-class Homes:
-    """Two (or more) separate stores; `use` points EMBER_HOME at one."""
-
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.tmp = tmp_path
-        self.mp = monkeypatch
-        monkeypatch.delenv("EMBER_MODELS", raising=False)
-        monkeypatch.delenv("EMBER_REGISTRY", raising=False)
-        monkeypatch.delenv("EMBER_REGISTRY_USERNAME", raising=False)
-        monkeypatch.delenv("EMBER_REGISTRY_PASSWORD", raising=False)
-
-    def use(self, label: str) -> Path:
-        path = self.tmp / f"home-{label}"
-        self.mp.setenv("EMBER_HOME", str(path))
-        return path
-
-
-@pytest.fixture
-def homes(tmp_path, monkeypatch) -> Homes:
-    return Homes(tmp_path, monkeypatch)
-
-
-_seed = iter(range(100, 10_000))
-
-
-def make_model(name: str, tmp: Path, *, system: str = "You are tiny.", seed: int | None = None) -> Manifest:
-    """Create `name` in the current store from a fresh tiny GGUF, with template, system and params layers."""
-    seed = next(_seed) if seed is None else seed
-    gguf = tmp / f"tiny-{seed}.gguf"
-    if not gguf.exists():
-        write_tiny_model(gguf, seed=seed)
-    mf = parse_modelfile(
-        f'FROM {gguf}\nTEMPLATE """{{{{ messages[0].content }}}}"""\nSYSTEM {system}\n'
-        "PARAMETER temperature 0.25\nPARAMETER stop <end>\nPARAMETER stop \"</s>\"\nLICENSE tiny license\n"
-    )
-    return create(name, mf).manifest
-
-
-def make_raw_model(name: str, data: bytes) -> Manifest:
-    """A model whose weights are arbitrary bytes (pull and push never parse them)."""
-    digest, size = write_blob(data)
-    config = json.dumps({"model_format": "gguf"}).encode()
-    cdigest, csize = write_blob(config)
-    manifest = Manifest(config=Layer(CONFIG_MEDIA_TYPE, cdigest, csize),
-                        layers=(Layer(MEDIA_TYPES["model"], digest, size),))
-    write_manifest(parse_name(name), manifest)
-    return manifest
-
-
-def push_raw_manifest(reg: Registry, repo: str, tag: str, manifest: dict) -> None:
-    """Put a manifest straight into the registry (it accepts more than Ember does)."""
-    r = httpx.put(f"{reg.url}/v2/{repo}/manifests/{tag}", content=json.dumps(manifest).encode(),
-                  headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
-    assert r.status_code == 201, r.text
-
-
-def ember(*args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 120
-          ) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
-    full_env.update({"EMBER_HOME": str(home), **(env or {})})
-    return subprocess.run([sys.executable, "-m", "ember.cli.main", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
 
 
 class Proxy:
@@ -230,11 +151,6 @@ def proxies():
         p.close()
 
 
-def partial_files(home: Path) -> list[Path]:
-    blobs = home / "models" / "blobs"
-    return sorted(blobs.glob(PARTIAL_PREFIX + "*")) if blobs.is_dir() else []
-
-
 def saved_progress(home: Path) -> int:
     total = 0
     for state in (home / "models" / "blobs").glob(PARTIAL_PREFIX + "*.json"):
@@ -327,7 +243,7 @@ def test_push_skips_blobs_the_registry_already_has(registry, homes, tmp_path):
     homes.use("a")
     first = f"{registry.host}/alice/shared:one"
     second = f"{registry.host}/alice/shared:two"
-    seed = next(_seed)
+    seed = next(seeds)
     m1 = make_model(first, tmp_path, seed=seed)
     make_model(second, tmp_path, seed=seed, system="A different system prompt.")
     r1 = push(first, insecure=True)
@@ -616,62 +532,6 @@ def test_missing_model_and_unreachable_registry_are_one_line_errors(registry, ho
     assert listing(b) == {}
 
 
-# ---- authentication ------------------------------------------------------------------------------------------
-
-
-def _bcrypt(password: str) -> str:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import crypt
-        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
-    except (ImportError, AttributeError, OSError):
-        hashed = None
-    if not hashed or not hashed.startswith("$2"):
-        pytest.skip("no bcrypt implementation to write an htpasswd file")
-    return hashed
-
-
-@pytest.fixture(scope="module")
-def basic_registry(tmp_path_factory):
-    d = tmp_path_factory.mktemp("basic-registry")
-    (d / "htpasswd").write_text(f"alice:{_bcrypt('s3cret')}\n")
-    reg = start_registry(d, env={"REGISTRY_AUTH": "htpasswd", "REGISTRY_AUTH_HTPASSWD_REALM": "ember-test",
-                                 "REGISTRY_AUTH_HTPASSWD_PATH": str(d / "htpasswd")})
-    yield reg
-    reg.stop()
-
-
-def test_basic_auth(basic_registry, homes, tmp_path):
-    a = homes.use("a")
-    name = f"{basic_registry.host}/alice/private:latest"
-    make_model(name, tmp_path)
-    r = ember("push", name, "--insecure", home=a)
-    assert r.returncode == 1
-    assert "requires authentication: set EMBER_REGISTRY_USERNAME and EMBER_REGISTRY_PASSWORD" in r.stderr
-    r = ember("push", name, "--insecure", home=a,
-              env={"EMBER_REGISTRY_USERNAME": "alice", "EMBER_REGISTRY_PASSWORD": "wrong"})
-    assert r.returncode == 1 and "authentication failed" in r.stderr, r.stderr
-    r = ember("push", name, "--insecure", home=a,
-              env={"EMBER_REGISTRY_USERNAME": "alice", "EMBER_REGISTRY_PASSWORD": "s3cret"})
-    assert r.returncode == 0, r.stderr
-
-    b = homes.use("b")
-    with pytest.raises(EmberError, match="requires authentication"):
-        pull(name, insecure=True)
-    assert listing(b) == {}
-    pull(name, insecure=True, username="alice", password="s3cret")
-    assert resolve_model(name).system == "You are tiny."
-
-
-def test_parse_challenge():
-    assert parse_challenge('Bearer realm="https://auth.example/token",service="reg",'
-                           'scope="repository:a/b:pull,push"') == (
-        "bearer", {"realm": "https://auth.example/token", "service": "reg", "scope": "repository:a/b:pull,push"})
-    assert parse_challenge('Basic realm="x y"') == ("basic", {"realm": "x y"})
-    assert parse_challenge("") == ("", {})
-
-
 def test_partial_paths_stay_in_blobs(homes):
     homes.use("a")
     data, state = partial_paths("sha256:" + "a" * 64)
@@ -680,126 +540,3 @@ def test_partial_paths_stay_in_blobs(homes):
         partial_paths("sha256:../../x")
     with pytest.raises(ModelNotFoundError):
         pull("../../etc")
-
-
-# ---- token auth: the registry trusts a token server that this test runs --------------------------------------
-
-
-def _b64url(data: bytes) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class TokenServer:
-    """The Docker token flow's other half: checks basic credentials, issues RS256 JWTs (certificate chain in
-    the x5c header) granting what was asked for, and records each request."""
-
-    def __init__(self, directory: Path, users: dict[str, str]) -> None:
-        pytest.importorskip("cryptography")
-        import datetime
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import parse_qs, urlparse
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import padding, rsa
-        from cryptography.x509.oid import NameOID
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ember test token issuer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(hours=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        self.bundle = directory / "token-root.pem"
-        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        x5c = __import__("base64").b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-        self.service, self.issuer = "ember-test-registry", "ember-test-issuer"
-        self.requests: list[dict] = []
-        server_self = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                import base64 as b64
-
-                query = parse_qs(urlparse(self.path).query)
-                auth = self.headers.get("Authorization", "")
-                user = None
-                if auth.startswith("Basic "):
-                    name, _, pw = b64.b64decode(auth[6:]).decode().partition(":")
-                    user = name if users.get(name) == pw else None
-                server_self.requests.append({"user": user, "scope": query.get("scope", []),
-                                             "service": query.get("service", [""])[0]})
-                if user is None:
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                access = []
-                for scope in query.get("scope", []):
-                    kind, name, actions = scope.split(":")
-                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
-                t = int(time.time())
-                claims = {"iss": server_self.issuer, "sub": user, "aud": server_self.service, "exp": t + 300,
-                          "nbf": t - 10, "iat": t, "jti": os.urandom(8).hex(), "access": access}
-                signing_input = (_b64url(json.dumps({"typ": "JWT", "alg": "RS256", "x5c": [x5c]}).encode())
-                                 + "." + _b64url(json.dumps(claims).encode()))
-                signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-                body = json.dumps({"token": signing_input + "." + _b64url(signature)}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def token_registry(tmp_path_factory):
-    d = tmp_path_factory.mktemp("token-registry")
-    tokens = TokenServer(d, {"alice": "s3cret"})
-    reg = start_registry(d, env={
-        "REGISTRY_AUTH": "token", "REGISTRY_AUTH_TOKEN_REALM": tokens.realm,
-        "REGISTRY_AUTH_TOKEN_SERVICE": tokens.service, "REGISTRY_AUTH_TOKEN_ISSUER": tokens.issuer,
-        "REGISTRY_AUTH_TOKEN_ROOTCERTBUNDLE": str(tokens.bundle),
-    })
-    yield reg, tokens
-    reg.stop()
-    tokens.close()
-
-
-def test_token_auth(token_registry, homes, tmp_path):
-    reg, tokens = token_registry
-    homes.use("a")
-    name = f"{reg.host}/alice/tokened:latest"
-    make_model(name, tmp_path)
-    with pytest.raises(EmberError, match="requires authentication: set EMBER_REGISTRY_USERNAME"):
-        push(name, insecure=True)
-    with pytest.raises(EmberError, match="authentication failed"):
-        push(name, insecure=True, username="alice", password="wrong")
-    tokens.requests.clear()
-    push(name, insecure=True, username="alice", password="s3cret")
-    # One token for the whole push (cached), asked for with the registry's service and the push scope.
-    assert tokens.requests == [{"user": "alice", "scope": ["repository:alice/tokened:pull,push"],
-                                "service": tokens.service}]
-
-    b = homes.use("b")
-    homes.mp.setenv("EMBER_REGISTRY_USERNAME", "alice")
-    homes.mp.setenv("EMBER_REGISTRY_PASSWORD", "s3cret")
-    tokens.requests.clear()
-    pull(name, insecure=True, options=TransferOptions(part_size=64 << 10))
-    assert [r["scope"] for r in tokens.requests] == [["repository:alice/tokened:pull"]]
-    assert resolve_model(name).system == "You are tiny."
-    assert partial_files(b) == []
