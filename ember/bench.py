@@ -25,7 +25,7 @@ import torch
 
 from ember.engine.generator import PREFILL_CHUNK
 from ember.engine.paged_cache import BatchLayout, PagedKVCache
-from ember.model.transformer import Transformer, linear_layers, weight_bytes_per_token  # noqa: F401 (re-exported)
+from ember.model.transformer import Transformer, weight_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -329,11 +329,9 @@ __all__ = [
     "BenchConfig",
     "BenchReport",
     "TestResult",
-    "linear_layers",
     "measure_memory_bandwidth",
     "peak_rss_bytes",
     "run_bench",
     "run_generation",
     "run_prompt",
-    "weight_bytes_per_token",
 ]

@@ -17,8 +17,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 import ember
-from ember.bench import linear_layers, weight_bytes_per_token
 from ember.cli import bench as bench_cli
+from ember.model.transformer import linear_layers, weight_bytes_per_token
 from tiny_models import write_tiny_model
 
 ARGS = ["-p", "16", "-n", "8", "-r", "2", "-t", "1", "--bandwidth-mb", "8"]

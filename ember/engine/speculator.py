@@ -10,7 +10,7 @@ back to what was accepted.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence as SequenceT
+from typing import Optional, Sequence as SequenceT
 
 import torch
 
@@ -95,15 +95,15 @@ class Speculator:
             else:
                 wants.append((seq, k, sampler.params))
         self._draft_seconds, self._draft_passes = 0.0, 0
+        prefill = 0.0
         if wants and self.draft is not None:
             drafts = self.draft.propose(wants)
             # the drafting passes only: a new request's prompt catch-up is a one-time prefill, not a pass
             self._draft_seconds, self._draft_passes = self.draft.timed_seconds, self.draft.timed_passes
+            prefill = self.draft.prefill_seconds
             for seq, _, _ in wants:
                 seq.draft_token_ids = drafts.get(seq.seq_id, [])
-        self._propose_seconds = time.perf_counter() - t0
-        if wants and self.draft is not None:
-            self._propose_seconds -= self.draft.prefill_seconds
+        self._propose_seconds = time.perf_counter() - t0 - prefill
 
     def verify(self, e: ScheduledSeq, rows: torch.Tensor, spec: RequestSpeculation, sampler: Sampler) -> list[int]:
         """Verify e.draft against the main model's rows [k+1, V]: the tokens to emit. Greedy rows compare the

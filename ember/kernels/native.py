@@ -1,7 +1,8 @@
 """Ember's native CPU kernels (ember/kernels/csrc), compiled on first use and loaded into this process.
 
 The kernels are AVX-512 VNNI code (qdot.cpp: quantized matmul; paged_attention.cpp: decode attention through
-block tables; glue.cpp: RMS norm, residual add and gated activation between the matmuls). torch.utils.cpp_extension builds them once per machine and source version (cached under
+block tables; glue.cpp: RMS norm, residual add, gated activation and rotary embedding between the matmuls).
+torch.utils.cpp_extension builds them once per machine and source version (cached under
 ~/.cache/torch_extensions, ~30 s) with OpenMP through torch's own libgomp, so they share torch's thread pool.
 
 `extension()` is None where they cannot run - a CPU without AVX-512 VNNI, no C++ compiler, a non-Linux
