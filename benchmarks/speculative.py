@@ -23,9 +23,10 @@ Workloads (batch 1, greedy, the model's other defaults - Ollama's repeat penalty
            measured (acceptance), but says nothing about real model pairs.
 --analyze: no timing; for each document, the greedy summary (plain decoding) and what prompt lookup could do
 with it: how often the token after the longest earlier match of the text's suffix is the next token, by
-match length (the source of MatchAcceptance's prior), and the speed-up bound of a proposer that knows which
-copied tokens will be accepted (drafts exactly those), at --row-cost (a verification row's cost relative to a
-plain step; ~0.1 for SmolLM2 at 1000 tokens of context on the development machine).
+match length (the source of MatchAcceptance's prior), the speed-up bound of a proposer that knows which
+copied tokens will be accepted (drafts exactly those), and the rate of one that drafts every match (up to
+--draft-num-predict tokens, ungated), at --row-cost (a verification row's cost relative to a plain step; ~0.1
+for SmolLM2 at 1000 tokens of context on the development machine).
 
 For each: decode tokens/s (generated tokens / time from first token to last), mean and standard deviation
 over --repeats alternating runs, the speed-up, acceptance rate, tokens emitted per verification step,
@@ -138,15 +139,37 @@ def compare(name: str, plain: "ember.Model", spec: "ember.Model", ids: list[int]
     }
 
 
-def analyze(docs: list[str], tokens: int, row_cost: float) -> None:
-    """Match-length statistics and the foresight bound of prompt lookup on each document's greedy summary."""
+def replay(ids: list[int], out: list[int], row_cost: float, k: int | None) -> tuple[float, float]:
+    """Replay a greedy output through prompt lookup (latest longest match, as NgramIndex proposes): k None
+    drafts exactly the copied tokens that will be accepted (foresight), else up to k copied tokens at every
+    match. Returns (tokens a step, speed-up over plain decoding at `row_cost` per verification row)."""
+    from ember.engine.speculative import NgramIndex
+
+    idx = NgramIndex(1, 12)
+    idx.extend(ids)
+    i = steps = 0
+    cost = 0.0
+    while i < len(out):
+        limit = len(out) - i - 1  # the last token always comes from verification
+        cand, _ = idx.match(limit if k is None else min(k, limit))
+        acc = next((j for j, (a, b) in enumerate(zip(cand, out[i:])) if a != b), min(len(cand), limit))
+        cost += 1.0 + row_cost * (acc if k is None else len(cand))
+        steps += 1
+        idx.extend(out[i:i + acc + 1])
+        i += acc + 1
+    return len(out) / steps, len(out) / cost
+
+
+def analyze(docs: list[str], tokens: int, row_cost: float, k: int) -> None:
+    """Match-length statistics, and the foresight bound and the draft-every-match rate of prompt lookup on
+    each document's greedy summary."""
     from ember.engine.speculative import NgramIndex
 
     m = ember.load("smollm2")
     seen: dict[int, list[int]] = {}  # match length (12 = 12+) -> [proposals, right]
-    print("| document | greedy tokens | foresight tokens/step | foresight bound at row cost "
-          f"{row_cost} |")
-    print("|---|---|---|---|")
+    print(f"| document | greedy tokens | foresight tokens/step | foresight bound | every match (k = {k}) "
+          f"tokens/step | every match speed-up |  (row cost {row_cost})")
+    print("|---|---|---|---|---|---|")
     for doc in docs:
         ids = lookup_prompt(m, doc=doc)
         out = run_once(m, ids, tokens)["ids"]
@@ -159,19 +182,9 @@ def analyze(docs: list[str], tokens: int, row_cost: float) -> None:
                 st[0] += 1
                 st[1] += cand[0] == t
             idx.extend([t])
-        idx = NgramIndex(1, 12)
-        idx.extend(ids)
-        i = steps = 0
-        cost = 0.0
-        while i < len(out):  # foresight: draft exactly the copied tokens that will be accepted
-            cand, _ = idx.match(len(out) - i - 1)
-            acc = next((j for j, (a, b) in enumerate(zip(cand, out[i:])) if a != b), min(len(cand), len(out) - i))
-            acc = min(acc, len(out) - i - 1)
-            cost += 1.0 + row_cost * acc
-            steps += 1
-            idx.extend(out[i:i + acc + 1])
-            i += acc + 1
-        print(f"| {doc} | {len(out)} | {len(out) / steps:.2f} | {len(out) / cost:.2f}x |")
+        fs, fb = replay(ids, out, row_cost, None)
+        es, eb = replay(ids, out, row_cost, k)
+        print(f"| {doc} | {len(out)} | {fs:.2f} | {fb:.2f}x | {es:.2f} | {eb:.2f}x |")
     print("\n| match length | proposals | next token right |")
     print("|---|---|---|")
     for n in sorted(seen):
@@ -226,17 +239,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--analyze", action="store_true", help="match statistics and the foresight bound, no timing")
     ap.add_argument("--row-cost", type=float, default=0.1, help="--analyze: a verification row / a plain step")
+    ap.add_argument("--draft-num-predict", type=int, default=None,
+                    help="most tokens drafted a step (the per-request option; default: the engine's, "
+                         "DEFAULT_DRAFT_TOKENS)")
     ap.add_argument("--repeat-penalty", type=float, default=None,
                     help="override the repeat penalty (default: the model's, Ollama's 1.1; 1.0 is llama.cpp's and "
                          "OpenAI's default sampler)")
     args = ap.parse_args(argv)
     if args.repeat_penalty is not None:
         SAMPLING["repeat_penalty"] = args.repeat_penalty
+    if args.draft_num_predict is not None:
+        SAMPLING["draft_num_predict"] = args.draft_num_predict
     results = []
     t0 = time.time()
     docs = list(DOCUMENTS) if args.documents == ["all"] else args.documents
     if args.analyze:
-        analyze(docs, args.tokens, args.row_cost)
+        from ember.engine.speculative import DEFAULT_DRAFT_TOKENS
+
+        analyze(docs, args.tokens, args.row_cost, args.draft_num_predict or DEFAULT_DRAFT_TOKENS)
         return 0
     for w in args.workloads:
         if w == "lookup":
