@@ -25,18 +25,8 @@ from ember.store.modelfile import (
     parse_modelfile,
 )
 from ember.store.names import parse_name
+from registry_helpers import listing  # every file of a store but locks/, with size and sha256
 from tiny_models import write_tiny_model
-
-
-def listing(home: Path) -> dict[str, tuple[int, str]]:
-    """Every file in a store but locks/ (empty lock files, kept by design) -> (size, sha256)."""
-    out = {}
-    if home.exists():
-        for p in sorted(home.rglob("*")):
-            rel = p.relative_to(home).as_posix()
-            if p.is_file() and "/locks/" not in f"/{rel}":
-                out[rel] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
 
 
 @pytest.fixture
